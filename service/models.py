@@ -1,0 +1,201 @@
+"""The ledger's tables (SQLAlchemy 2 declarative). Alembic owns the schema.
+
+The ledger is append-only where it matters: versions are never deleted or
+renumbered; a rollback appends a version. A model's state at version N is
+derived: base weights (+ the snapshot nearest below N) + the ordered deltas.
+
+- ``models``: one row per configured model name.
+- ``jobs``: unit of work handed to a worker (edit, rollback). The row exists
+  before the job is enqueued; Redis only carries its id.
+- ``edits``: one requested fact correction, its status and metrics.
+- ``versions``: numbered per model (unique). ``parent_number`` is the version
+  whose state this one builds on: ``number - 1`` for an edit, ``to_version`` for
+  a rollback (which carries no delta). Kind ``base`` is version 0.
+- ``artifacts``: files in the artifact store (deltas, snapshots, statistics),
+  named by sha256.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+JSONType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e])
+
+
+class JobKind(str, enum.Enum):
+    edit = "edit"
+    rollback = "rollback"
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+
+
+class EditStatus(str, enum.Enum):
+    queued = "queued"
+    applied = "applied"
+    rejected = "rejected"
+    failed = "failed"
+    reverted = "reverted"
+
+
+class VersionKind(str, enum.Enum):
+    base = "base"
+    edit = "edit"
+    rollback = "rollback"
+
+
+class ArtifactKind(str, enum.Enum):
+    delta = "delta"
+    snapshot = "snapshot"
+    stats = "stats"
+
+
+class Model(Base):
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    source: Mapped[str] = mapped_column(Text)
+    architecture: Mapped[str | None] = mapped_column(String(64))
+    # policy: snapshot_every, ... (per-model, JSON so later policies need no migration)
+    policy: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+    versions: Mapped[list[Version]] = relationship(back_populates="model")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"), index=True)
+    kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "job_kind"))
+    status: Mapped[JobStatus] = mapped_column(
+        _enum(JobStatus, "job_status"), default=JobStatus.queued, index=True
+    )
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    message: Mapped[str | None] = mapped_column(Text)
+    # input: method + hparams for edits, to_version for rollbacks
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    edits: Mapped[list[Edit]] = relationship(back_populates="job", order_by="Edit.position")
+
+
+class Edit(Base):
+    __tablename__ = "edits"
+    __table_args__ = (Index("ix_edits_model_status_id", "model_id", "status", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)  # order within the job
+    method: Mapped[str] = mapped_column(String(32))
+    prompt: Mapped[str] = mapped_column(Text)
+    subject: Mapped[str] = mapped_column(Text)
+    target_new: Mapped[str] = mapped_column(Text)
+    target_true: Mapped[str | None] = mapped_column(Text)
+    paraphrase_prompts: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    neighborhood_prompts: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    status: Mapped[EditStatus] = mapped_column(
+        _enum(EditStatus, "edit_status"), default=EditStatus.queued
+    )
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"), index=True)
+    # efficacy/paraphrase/neighborhood after, pre_* before, plus per-prompt log-probs
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=_now, onupdate=_now
+    )
+
+    job: Mapped[Job] = relationship(back_populates="edits")
+    version: Mapped[Version | None] = relationship(back_populates="edits")
+
+
+class Artifact(Base):
+    __tablename__ = "artifacts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[ArtifactKind] = mapped_column(_enum(ArtifactKind, "artifact_kind"))
+    # relative to the artifact store root
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    meta: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Version(Base):
+    __tablename__ = "versions"
+    __table_args__ = (UniqueConstraint("model_id", "number", name="uq_versions_model_number"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[VersionKind] = mapped_column(_enum(VersionKind, "version_kind"))
+    parent_number: Mapped[int | None] = mapped_column(Integer)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    method: Mapped[str | None] = mapped_column(String(32))
+    hparams: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    delta_artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+    snapshot_artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+    # tensor name -> sha256 of its bytes after this version (every tensor for base;
+    # every tensor edited so far on this model's chain otherwise)
+    tensor_sha256: Mapped[dict[str, str]] = mapped_column(JSONType, default=dict)
+    # layer parameter name -> ||W - W0||_F / rows
+    drift: Mapped[dict[str, float]] = mapped_column(JSONType, default=dict)
+    update_norm: Mapped[float | None] = mapped_column(Float)
+    # seconds: compute, evaluate, total ...
+    timing: Mapped[dict[str, float]] = mapped_column(JSONType, default=dict)
+    # code version, model revision, worker host, etc.
+    info: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+    model: Mapped[Model] = relationship(back_populates="versions")
+    edits: Mapped[list[Edit]] = relationship(back_populates="version")
+    delta_artifact: Mapped[Artifact | None] = relationship(foreign_keys=[delta_artifact_id])
+    snapshot_artifact: Mapped[Artifact | None] = relationship(foreign_keys=[snapshot_artifact_id])

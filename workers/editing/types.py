@@ -1,0 +1,218 @@
+"""Data types shared by every editing method: requests, weight deltas, context.
+
+A :class:`WeightDelta` is what an editor returns. It never touches the model: the
+runtime (``workers/runtime.py``) applies, replays and reverts deltas, always by
+rebuilding a parameter from its pristine value plus the ordered deltas (never by
+subtracting, which is not exact in floating point).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+DELTA_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact correction: ``prompt.format(subject)`` should continue with ``target_new``.
+
+    ``prompt`` holds exactly one ``{}`` where the subject goes. Targets carry no
+    leading space; the methods and the metrics prepend one.
+    """
+
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrase_prompts: tuple[str, ...] = ()
+    neighborhood_prompts: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return self.prompt.format(self.subject)
+
+
+@dataclass
+class LowRankUpdate:
+    """ΔW = left @ rightᵀ, in the parameter's own layout.
+
+    ``left`` is ``[param.shape[0], r]`` and ``right`` is ``[param.shape[1], r]``, so a
+    GPT-2 Conv1D weight (stored ``[d_in, d_out]``) gets ``left`` over d_in rows.
+    """
+
+    param: str
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return low_rank_dense(self.left, self.right)
+
+
+@dataclass
+class DenseUpdate:
+    """ΔW given in full (fine-tuning)."""
+
+    param: str
+    delta: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        return self.delta.to(torch.float32)
+
+
+Update = LowRankUpdate | DenseUpdate
+
+
+def low_rank_dense(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """left @ rightᵀ computed in a fixed order, so that the result is bit-identical
+    whatever the thread count or BLAS: a sum of rank-one outer products, accumulated
+    in float64 one after the other, then rounded once to float32.
+
+    Element (i, j) is Σ_k left[i,k]·right[j,k] summed k = 0, 1, … — every element is
+    computed independently of the others, so parallel kernels cannot reorder it.
+    """
+    left64 = left.detach().to(torch.float64)
+    right64 = right.detach().to(torch.float64)
+    out = torch.zeros(left64.shape[0], right64.shape[0], dtype=torch.float64, device=left.device)
+    for k in range(left64.shape[1]):
+        out.add_(torch.outer(left64[:, k], right64[:, k]))
+    return out.to(torch.float32)
+
+
+@dataclass
+class WeightDelta:
+    """The change one edit (or one batch of edits) makes to a model.
+
+    ``updates`` are applied in order; two updates may name the same parameter.
+    ``aux`` holds additive method state that is part of the model's version
+    (e.g. AlphaEdit's accumulated K Kᵀ); ``meta`` is JSON-serialisable
+    bookkeeping (method, layers, optimisation losses, timings).
+    """
+
+    method: str
+    updates: list[Update] = field(default_factory=list)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def params(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for u in self.updates:
+            seen.setdefault(u.param, None)
+        return list(seen)
+
+    def dense(self) -> dict[str, torch.Tensor]:
+        """Parameter name → fp32 ΔW (summed when several updates share a parameter)."""
+        out: dict[str, torch.Tensor] = {}
+        for u in self.updates:
+            d = u.dense()
+            out[u.param] = d if u.param not in out else out[u.param] + d
+        return out
+
+    def is_finite(self) -> bool:
+        tensors: list[torch.Tensor] = list(self.aux.values())
+        for u in self.updates:
+            tensors += [u.left, u.right] if isinstance(u, LowRankUpdate) else [u.delta]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+    def norm(self) -> float:
+        """Frobenius norm of the whole update (all parameters together)."""
+        total = 0.0
+        for d in self.dense().values():
+            total += float(d.double().pow(2).sum())
+        return total**0.5
+
+    # -- serialisation -------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        """One safetensors blob: tensors plus a JSON header describing the updates."""
+        tensors: dict[str, torch.Tensor] = {}
+        layout: list[dict[str, Any]] = []
+        for i, u in enumerate(self.updates):
+            if isinstance(u, LowRankUpdate):
+                tensors[f"u{i}.left"] = u.left.detach().to(torch.float32).contiguous().cpu()
+                tensors[f"u{i}.right"] = u.right.detach().to(torch.float32).contiguous().cpu()
+                layout.append({"kind": "low_rank", "param": u.param})
+            else:
+                tensors[f"u{i}.delta"] = u.delta.detach().to(torch.float32).contiguous().cpu()
+                layout.append({"kind": "dense", "param": u.param})
+        for name, t in self.aux.items():
+            tensors[f"aux.{name}"] = t.detach().to(torch.float32).contiguous().cpu()
+        header = {
+            "format": str(DELTA_FORMAT_VERSION),
+            "method": self.method,
+            "updates": json.dumps(layout),
+            "meta": json.dumps(self.meta, sort_keys=True, default=str),
+        }
+        return st_save(tensors, metadata=header)
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> WeightDelta:
+        tensors = st_load(blob)
+        # safetensors.torch.load drops the metadata; read it from the header
+        # (8-byte little-endian length, then JSON), as the format specifies.
+        header_len = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + header_len]).get("__metadata__", {})
+        if header.get("format") != str(DELTA_FORMAT_VERSION):
+            raise ValueError(f"unsupported delta format {header.get('format')!r}")
+        updates: list[Update] = []
+        for i, entry in enumerate(json.loads(header["updates"])):
+            if entry["kind"] == "low_rank":
+                updates.append(
+                    LowRankUpdate(entry["param"], tensors[f"u{i}.left"], tensors[f"u{i}.right"])
+                )
+            else:
+                updates.append(DenseUpdate(entry["param"], tensors[f"u{i}.delta"]))
+        aux = {k[4:]: v for k, v in tensors.items() if k.startswith("aux.")}
+        return cls(
+            method=header["method"], updates=updates, aux=aux, meta=json.loads(header["meta"])
+        )
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+
+@dataclass
+class EditContext:
+    """What an editor may use besides the model: device, cached artifacts, progress.
+
+    ``cache`` is keyed by the caller (statistics, inverses, context templates) and
+    lives as long as the worker's model does. ``stats_provider(layer_param) -> C``
+    returns the uncentred second moment E[k kᵀ] of that layer's input keys, computing
+    and caching it on first use. ``progress(fraction, message)`` reports progress.
+    """
+
+    device: torch.device | str = "cpu"
+    cache: dict[str, Any] = field(default_factory=dict)
+    stats_provider: Callable[[str], torch.Tensor] | None = None
+    progress: Callable[[float, str], None] = lambda fraction, message: None
+    seed: int = 0
+
+    def second_moment(self, param: str) -> torch.Tensor:
+        if self.stats_provider is None:
+            raise RuntimeError(
+                f"this edit needs the second-moment statistics of {param}, "
+                "but no statistics provider was configured"
+            )
+        return self.stats_provider(param)
+
+
+def requests_from_dicts(items: Sequence[Mapping[str, Any]]) -> list[EditRequest]:
+    return [
+        EditRequest(
+            prompt=d["prompt"],
+            subject=d["subject"],
+            target_new=d["target_new"],
+            target_true=d.get("target_true"),
+            paraphrase_prompts=tuple(d.get("paraphrase_prompts") or ()),
+            neighborhood_prompts=tuple(d.get("neighborhood_prompts") or ()),
+        )
+        for d in items
+    ]
