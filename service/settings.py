@@ -28,7 +28,9 @@ class ModelSpec(BaseModel):
     source: str
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    snapshot_every: int = Field(10, ge=1, description="snapshot the edited tensors every K versions")
+    snapshot_every: int = Field(
+        10, ge=1, description="snapshot the edited tensors every K versions"
+    )
 
 
 def _default_models() -> dict[str, ModelSpec]:
@@ -47,6 +49,9 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MEMEDIT_REDIS_URL", "REDIS_URL"),
     )
     artifact_dir: Path = Path(".memedit/artifacts")
+    # dequantised model checkpoints and layer statistics: derived data that can be
+    # rebuilt, shared by every ledger (default: <artifact_dir>/cache)
+    cache_dir: Path | None = None
     # torch device for workers: "cpu", "cuda", "cuda:1", "mps" ...
     device: str = "cpu"
     torch_threads: int | None = None
@@ -68,6 +73,10 @@ class Settings(BaseSettings):
             if v.startswith(prefix):
                 return "postgresql+psycopg://" + v[len(prefix) :]
         return v
+
+    @property
+    def effective_cache_dir(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.artifact_dir / "cache"
 
     def edit_queue(self, model: str) -> str:
         return f"{self.queue_prefix}:edits:{model}"

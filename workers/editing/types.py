@@ -145,13 +145,17 @@ class WeightDelta:
                 layout.append({"kind": "dense", "param": u.param})
         for name, t in self.aux.items():
             tensors[f"aux.{name}"] = t.detach().to(torch.float32).contiguous().cpu()
+        # one metadata key holding sorted JSON: safetensors does not keep the order
+        # of several keys, and the blob's bytes (its sha256 names the file) must
+        # not depend on it
         header = {
-            "format": str(DELTA_FORMAT_VERSION),
+            "format": DELTA_FORMAT_VERSION,
             "method": self.method,
-            "updates": json.dumps(layout),
-            "meta": json.dumps(self.meta, sort_keys=True, default=str),
+            "updates": layout,
+            "meta": self.meta,
         }
-        return st_save(tensors, metadata=header)
+        metadata = {"memedit": json.dumps(header, sort_keys=True, default=str)}
+        return st_save(tensors, metadata=metadata)
 
     @classmethod
     def from_bytes(cls, blob: bytes) -> WeightDelta:
@@ -159,11 +163,12 @@ class WeightDelta:
         # safetensors.torch.load drops the metadata; read it from the header
         # (8-byte little-endian length, then JSON), as the format specifies.
         header_len = int.from_bytes(blob[:8], "little")
-        header = json.loads(blob[8 : 8 + header_len]).get("__metadata__", {})
-        if header.get("format") != str(DELTA_FORMAT_VERSION):
+        metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
+        header = json.loads(metadata.get("memedit", "{}"))
+        if header.get("format") != DELTA_FORMAT_VERSION:
             raise ValueError(f"unsupported delta format {header.get('format')!r}")
         updates: list[Update] = []
-        for i, entry in enumerate(json.loads(header["updates"])):
+        for i, entry in enumerate(header["updates"]):
             if entry["kind"] == "low_rank":
                 updates.append(
                     LowRankUpdate(entry["param"], tensors[f"u{i}.left"], tensors[f"u{i}.right"])
@@ -171,9 +176,7 @@ class WeightDelta:
             else:
                 updates.append(DenseUpdate(entry["param"], tensors[f"u{i}.delta"]))
         aux = {k[4:]: v for k, v in tensors.items() if k.startswith("aux.")}
-        return cls(
-            method=header["method"], updates=updates, aux=aux, meta=json.loads(header["meta"])
-        )
+        return cls(method=header["method"], updates=updates, aux=aux, meta=header["meta"])
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()

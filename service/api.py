@@ -1,0 +1,412 @@
+"""The HTTP API (FastAPI). Build it with :func:`create_app`; OpenAPI docs at ``/docs``.
+
+Routes validate input (pydantic schemas, then the ledger's domain checks), write
+the ledger, and hand work to the workers through :mod:`service.queue`. Domain
+errors map to HTTP statuses in one place (:func:`_service_error`); every error
+body has the same shape (:class:`~service.schemas.ErrorPublic`) and names the
+field. This module imports neither torch nor :mod:`workers` (a test checks it).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import status as http
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis import Redis
+from redis.exceptions import RedisError
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import ledger, queue
+from service.errors import InvalidInput, ServiceError
+from service.models import Edit, EditStatus, Job, Version
+from service.schemas import (
+    DEFAULT_NEW_TOKENS,
+    EditCreate,
+    EditJobCreated,
+    EditPublic,
+    EditsPublic,
+    ErrorItem,
+    ErrorPublic,
+    GenerateRequest,
+    GenerateResponse,
+    JobCreated,
+    JobPublic,
+    ModelPublic,
+    RollbackCreate,
+    ScoreRequest,
+    ScoreResponse,
+    VersionPublic,
+    VersionsPublic,
+)
+from service.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_S = 5
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorPublic, "description": "unknown model or job"},
+    422: {"model": ErrorPublic, "description": "invalid input; names the field"},
+}
+_SYNC_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    502: {"model": ErrorPublic, "description": "the worker raised"},
+    504: {"model": ErrorPublic, "description": "no worker answered in time"},
+}
+
+
+# -- dependencies ---------------------------------------------------------------------
+
+
+def _settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessions() as session:
+        yield session
+
+
+def _redis(request: Request) -> Redis:
+    return request.app.state.redis
+
+
+SettingsDep = Annotated[Settings, Depends(_settings)]
+SessionDep = Annotated[Session, Depends(_session)]
+RedisDep = Annotated[Redis, Depends(_redis)]
+Limit = Annotated[int, Query(ge=1, le=ledger.MAX_PAGE, description="page size")]
+Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
+
+router = APIRouter()
+
+
+# -- app ------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API bound to ``settings`` (default: :func:`service.settings.get_settings`).
+
+    The lifespan opens the database engine, registers the configured models
+    (:func:`service.ledger.sync_models`) and opens the Redis connection.
+    """
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(
+            settings.database_url,
+            pool_pre_ping=True,
+            connect_args={"connect_timeout": _CONNECT_TIMEOUT_S},
+        )
+        sessions = sessionmaker(bind=engine, expire_on_commit=False)
+        # no read timeout: score/generate block on Redis for up to sync_timeout_s
+        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=_CONNECT_TIMEOUT_S)
+        try:
+            with sessions.begin() as session:
+                ledger.sync_models(session, settings)
+            app.state.settings = settings
+            app.state.sessions = sessions
+            app.state.redis = redis
+            yield
+        finally:
+            redis.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="memedit",
+        summary="Correct facts inside language models; every edit in a ledger.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(SQLAlchemyError, _database_error)
+    app.add_exception_handler(RedisError, _redis_error)
+    app.include_router(router)
+    return app
+
+
+# -- routes ---------------------------------------------------------------------------
+
+
+@router.get("/healthz", tags=["health"], responses={503: {"description": "a backend is down"}})
+def healthz(session: SessionDep, redis: RedisDep) -> JSONResponse:
+    """``{"status": "ok"}`` when the ledger database and Redis both answer, else 503."""
+    checks: dict[str, str] = {}
+    try:
+        session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except SQLAlchemyError as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    try:
+        redis.ping()
+        checks["redis"] = "ok"
+    except RedisError as exc:
+        checks["redis"] = f"error: {type(exc).__name__}"
+    if all(v == "ok" for v in checks.values()):
+        return JSONResponse({"status": "ok"})
+    log.warning("health check failed: %s", checks)
+    return JSONResponse({"status": "unavailable", "checks": checks}, status_code=503)
+
+
+@router.get("/v1/models", tags=["models"])
+def list_models(session: SessionDep) -> list[ModelPublic]:
+    """The configured models and their head version (null until a worker registered one)."""
+    return [
+        ModelPublic(name=m.name, source=m.source, architecture=m.architecture, head_version=head)
+        for m, head in ledger.list_models(session)
+    ]
+
+
+@router.post(
+    "/v1/models/{model}/edits",
+    status_code=http.HTTP_202_ACCEPTED,
+    responses=_ERRORS,
+    tags=["edits"],
+)
+def create_edits(
+    model: str,
+    body: EditCreate,
+    session: SessionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    response: Response,
+) -> EditJobCreated:
+    """Queue one job applying ``requests`` with ``method`` (ROME: one version per
+    request, in order; MEMIT: one version for the batch). Poll ``/v1/jobs/{job_id}``."""
+    job = ledger.create_edit_job(
+        session,
+        model,
+        body.method,
+        body.hparams,
+        body.requests,
+        max_requests=settings.max_requests_per_edit,
+    )
+    created = EditJobCreated(job_id=job.id, edit_ids=[e.id for e in job.edits])
+    session.commit()  # the ledger row exists before the queue hears of it
+    queue.enqueue_job(redis, settings, model, job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return created
+
+
+@router.get("/v1/models/{model}/edits", responses=_ERRORS, tags=["edits"])
+def list_edits(
+    model: str,
+    session: SessionDep,
+    status: Annotated[EditStatus | None, Query(description="only edits in this status")] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> EditsPublic:
+    """The model's edits, oldest first, ``limit`` per page."""
+    page = ledger.list_edits(session, model, status=status, limit=limit, cursor=cursor)
+    return EditsPublic(items=[_edit_public(e) for e in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/v1/jobs/{job_id}", responses=_ERRORS, tags=["jobs"])
+def get_job(job_id: str, session: SessionDep) -> JobPublic:
+    """A job's status, progress (0..1), error and result (new versions, per-edit metrics)."""
+    job, model_name = ledger.get_job(session, job_id)
+    return _job_public(job, model_name)
+
+
+@router.get("/v1/models/{model}/versions", responses=_ERRORS, tags=["versions"])
+def list_versions(
+    model: str, session: SessionDep, limit: Limit = 50, cursor: Cursor = None
+) -> VersionsPublic:
+    """The model's versions by ascending number (0 is the base weights)."""
+    page = ledger.list_versions(session, model, limit=limit, cursor=cursor)
+    return VersionsPublic(
+        items=[_version_public(v) for v in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.post(
+    "/v1/models/{model}/rollback",
+    status_code=http.HTTP_202_ACCEPTED,
+    responses=_ERRORS,
+    tags=["versions"],
+)
+def create_rollback(
+    model: str,
+    body: RollbackCreate,
+    session: SessionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    response: Response,
+) -> JobCreated:
+    """Queue a job appending a version whose weights equal ``to_version``'s."""
+    job = ledger.create_rollback_job(session, model, body.to_version)
+    job_id = job.id
+    session.commit()
+    queue.enqueue_job(redis, settings, model, job_id)
+    response.headers["Location"] = f"/v1/jobs/{job_id}"
+    return JobCreated(job_id=job_id)
+
+
+@router.post("/v1/models/{model}/score", responses=_SYNC_ERRORS, tags=["reads"])
+def score(
+    model: str, body: ScoreRequest, session: SessionDep, redis: RedisDep, settings: SettingsDep
+) -> ScoreResponse:
+    """Mean per-token log-probability of ``" " + target`` after each prompt, at head."""
+    if len(body.targets) != len(body.prompts):
+        raise InvalidInput(
+            "targets",
+            f"needs one target per prompt ({len(body.targets)} targets, "
+            f"{len(body.prompts)} prompts)",
+        )
+    if len(body.prompts) > settings.max_prompts_per_score:
+        raise InvalidInput(
+            "prompts", f"at most {settings.max_prompts_per_score} prompts per request"
+        )
+    _release_after_lookup(session, model)
+    kwargs = {"model": model, "prompts": body.prompts, "targets": body.targets}
+    answer = queue.call_read(redis, settings, model, "score", kwargs)
+    return ScoreResponse.model_validate(answer)
+
+
+@router.post("/v1/models/{model}/generate", responses=_SYNC_ERRORS, tags=["reads"])
+def generate(
+    model: str,
+    body: GenerateRequest,
+    session: SessionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+) -> GenerateResponse:
+    """Greedy continuation of ``prompt`` by the head version."""
+    max_new_tokens = body.max_new_tokens or min(DEFAULT_NEW_TOKENS, settings.max_new_tokens)
+    if max_new_tokens > settings.max_new_tokens:
+        raise InvalidInput("max_new_tokens", f"must be at most {settings.max_new_tokens}")
+    _release_after_lookup(session, model)
+    kwargs = {"model": model, "prompt": body.prompt, "max_new_tokens": max_new_tokens}
+    answer = queue.call_read(redis, settings, model, "generate", kwargs)
+    return GenerateResponse.model_validate(answer)
+
+
+def _release_after_lookup(session: Session, model: str) -> None:
+    """404 for an unknown model; then give the connection back before waiting on a worker."""
+    ledger.get_model(session, model)
+    session.close()
+
+
+# -- ORM rows -> public schemas ---------------------------------------------------------
+
+
+def _edit_public(e: Edit) -> EditPublic:
+    return EditPublic(
+        id=e.id,
+        job_id=e.job_id,
+        method=e.method,
+        prompt=e.prompt,
+        subject=e.subject,
+        target_new=e.target_new,
+        target_true=e.target_true,
+        paraphrase_prompts=list(e.paraphrase_prompts or []),
+        neighborhood_prompts=list(e.neighborhood_prompts or []),
+        status=e.status,
+        version=e.version.number if e.version is not None else None,
+        metrics=e.metrics,
+        reason=e.reason,
+        created_at=e.created_at,
+    )
+
+
+def _job_public(job: Job, model_name: str) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        kind=job.kind,
+        model=model_name,
+        status=job.status,
+        progress=min(1.0, max(0.0, job.progress or 0.0)),
+        message=job.message,
+        error=job.error,
+        result=job.result,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def _version_public(v: Version) -> VersionPublic:
+    return VersionPublic(
+        number=v.number,
+        kind=v.kind,
+        method=v.method,
+        hparams=v.hparams,
+        parent_number=v.parent_number,
+        job_id=v.job_id,
+        created_at=v.created_at,
+        drift=v.drift or {},
+        update_norm=v.update_norm,
+        tensor_sha256=v.tensor_sha256 or {},
+        timing=v.timing or {},
+    )
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+def _error_response(status_code: int, items: list[ErrorItem]) -> JSONResponse:
+    first = items[0]
+    detail = f"{first.field}: {first.message}" if first.field else first.message
+    body = ErrorPublic(detail=detail, errors=items)
+    return JSONResponse(body.model_dump(mode="json"), status_code=status_code)
+
+
+async def _service_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, ServiceError):  # pragma: no cover - registered for ServiceError
+        raise exc
+    if exc.status_code >= 500:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+    item = ErrorItem(field=exc.field, message=exc.message, type=exc.error_type)
+    return _error_response(exc.status_code, [item])
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RequestValidationError):  # pragma: no cover
+        raise exc
+    items = [_validation_item(err) for err in exc.errors()]
+    return _error_response(http.HTTP_422_UNPROCESSABLE_CONTENT, items)
+
+
+def _validation_item(err: dict[str, Any]) -> ErrorItem:
+    """FastAPI's ``loc`` (``["body", "requests", 0, "prompt"]``) as ``requests.0.prompt``."""
+    loc = [str(p) for p in err.get("loc", ())]
+    if err.get("type") == "json_invalid":
+        field = "body"  # loc holds the character offset of the syntax error
+        message = f"is not valid JSON ({err.get('ctx', {}).get('error', err.get('msg'))})"
+    else:
+        field = ".".join(loc[1:]) if len(loc) > 1 else (loc[0] if loc else "body")
+        message = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
+    return ErrorItem(field=field, message=message, type=str(err.get("type", "invalid")))
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, StarletteHTTPException):  # pragma: no cover
+        raise exc
+    item = ErrorItem(field=None, message=str(exc.detail), type="http_error")
+    response = _error_response(exc.status_code, [item])
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s: database error", request.method, request.url.path, exc_info=exc)
+    item = ErrorItem(field=None, message="the ledger database did not answer", type="unavailable")
+    return _error_response(http.HTTP_503_SERVICE_UNAVAILABLE, [item])
+
+
+async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s: redis error", request.method, request.url.path, exc_info=exc)
+    item = ErrorItem(field=None, message="the queue (Redis) did not answer", type="unavailable")
+    return _error_response(http.HTTP_503_SERVICE_UNAVAILABLE, [item])

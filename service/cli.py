@@ -1,0 +1,196 @@
+"""The ``memedit`` command: ``up`` (everything, embedded), ``api``, ``worker``, ``migrate``.
+
+The CLI lives with the service but never imports torch itself: ``memedit worker``
+imports the worker package by name inside its own process, and ``memedit up``
+starts the API and the worker as child processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+
+from service.settings import DEFAULT_MODEL, get_settings
+
+app = typer.Typer(
+    help="memedit: correct facts inside language models over HTTP.", no_args_is_help=True
+)
+log = logging.getLogger("memedit")
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+LogLevel = Annotated[str, typer.Option(help="Logging level.")]
+
+
+@app.command()
+def migrate(log_level: LogLevel = "info") -> None:
+    """Migrate the ledger database (DATABASE_URL) to the newest schema."""
+    _setup_logging(log_level)
+    from service.migrate import upgrade_to_head  # noqa: PLC0415
+
+    upgrade_to_head(get_settings().database_url)
+    typer.echo("ledger schema is at head")
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run the HTTP API (uvicorn)."""
+    import uvicorn  # noqa: PLC0415
+
+    _setup_logging(log_level)
+    uvicorn.run("service.api:create_app", factory=True, host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def worker(
+    model: Annotated[
+        str, typer.Option(help="Name of the configured model to serve.")
+    ] = DEFAULT_MODEL,
+    burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run a worker that holds MODEL and applies its edits (one per device)."""
+    _setup_logging(log_level)
+    # imported by name: the worker needs torch, the rest of the CLI does not
+    worker_main = importlib.import_module("workers.worker").main
+    worker_main(model, burst=burst)
+
+
+class _Children:
+    """Child processes of ``memedit up``, stopped together."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env)
+
+    def dead(self) -> list[tuple[str, int]]:
+        return [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for name, p in self.procs.items():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in %.0f s; killing it", name, grace_s)
+                p.kill()
+                p.wait()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="Interface for the API.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port for the API.")] = 8000,
+    data_dir: Annotated[
+        Path, typer.Option(help="Where the embedded database, queue and artifacts live.")
+    ] = Path(".memedit"),
+    model: Annotated[str, typer.Option(help="Model for the worker.")] = DEFAULT_MODEL,
+    log_level: LogLevel = "info",
+) -> None:
+    """Run everything: Postgres and Redis (embedded unless DATABASE_URL/REDIS_URL are
+    set), the migrations, the API and one worker. Ctrl-C stops it all."""
+    _setup_logging(log_level)
+    from service import embedded  # noqa: PLC0415
+    from service.migrate import upgrade_to_head  # noqa: PLC0415
+
+    signal.signal(signal.SIGTERM, _raise_stop)
+    settings = get_settings()
+    if model not in settings.models:
+        raise typer.BadParameter(f"unknown model {model!r}; configured: {sorted(settings.models)}")
+    data_dir = data_dir.expanduser().resolve()
+    env_db = os.environ.get("MEMEDIT_DATABASE_URL") or os.environ.get("DATABASE_URL")
+    env_redis = os.environ.get("MEMEDIT_REDIS_URL") or os.environ.get("REDIS_URL")
+    services = embedded.start(data_dir, database_url=env_db, redis_url=env_redis)
+    children = _Children()
+    code = 0
+    try:
+        assert services.database_url and services.redis_url  # set by start()
+        upgrade_to_head(services.database_url)
+        env = dict(os.environ)
+        env["MEMEDIT_DATABASE_URL"] = services.database_url
+        env["MEMEDIT_REDIS_URL"] = services.redis_url
+        env.setdefault("MEMEDIT_ARTIFACT_DIR", str(data_dir / "artifacts"))
+        children.start(
+            "api", ["api", "--host", host, "--port", str(port), "--log-level", log_level], env
+        )
+        children.start("worker", ["worker", "--model", model, "--log-level", log_level], env)
+        url = f"http://{host}:{port}"
+        _wait_healthy(url, children)
+        typer.echo(f"memedit is up at {url} (API docs at {url}/docs); Ctrl-C stops it")
+        _wait_worker_ready(url, model, children)
+        while not children.dead():
+            time.sleep(0.5)
+        for name, rc in children.dead():
+            log.error("%s exited with code %s; stopping", name, rc)
+        code = 1
+    except (KeyboardInterrupt, _Stop):
+        typer.echo("stopping memedit ...")
+    finally:
+        children.stop()
+        services.stop()
+    raise typer.Exit(code)
+
+
+def _wait_healthy(url: str, children: _Children, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if children.dead():
+            name, rc = children.dead()[0]
+            raise RuntimeError(f"{name} exited with code {rc} during start-up")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the API did not answer at {url}/healthz within {timeout_s:.0f} s")
+
+
+def _wait_worker_ready(url: str, model: str, children: _Children, timeout_s: float = 900.0) -> None:
+    """Tell the user when the worker has loaded the model (edits queue until then)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not children.dead():
+        try:
+            models = httpx.get(f"{url}/v1/models", timeout=5.0).json()
+            if any(m["name"] == model and m.get("head_version") is not None for m in models):
+                typer.echo(f"worker for {model} is ready")
+                return
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(1.0)
+
+
+if __name__ == "__main__":
+    app()

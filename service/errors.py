@@ -1,0 +1,63 @@
+"""Domain errors raised by the ledger, the queue and validation code.
+
+Library code raises these, never ``HTTPException``; :mod:`service.api` maps them to
+HTTP statuses in one exception handler. Every error names the ``field`` it is
+about (a dotted path into the request, such as ``requests.0.prompt``, or a path
+parameter such as ``model``), so that every 4xx body names the field.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: ``field`` names the offending input, ``message`` says what is wrong."""
+
+    status_code = 500
+    error_type = "error"
+
+    def __init__(self, field: str | None, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+
+class NotFound(ServiceError):
+    """The named model, job or version does not exist (HTTP 404)."""
+
+    status_code = 404
+    error_type = "not_found"
+
+
+class Conflict(ServiceError):
+    """The request contradicts the ledger's current state (HTTP 409)."""
+
+    status_code = 409
+    error_type = "conflict"
+
+
+class InvalidInput(ServiceError):
+    """The input is well-formed JSON but not acceptable (HTTP 422)."""
+
+    status_code = 422
+    error_type = "invalid_input"
+
+
+class Unavailable(ServiceError):
+    """A backing service (Postgres, Redis) did not answer (HTTP 503)."""
+
+    status_code = 503
+    error_type = "unavailable"
+
+
+class WorkerTimeout(ServiceError):
+    """No worker answered a synchronous request in time (HTTP 504)."""
+
+    status_code = 504
+    error_type = "worker_timeout"
+
+
+class WorkerFailed(ServiceError):
+    """The worker raised while answering a synchronous request (HTTP 502)."""
+
+    status_code = 502
+    error_type = "worker_failed"

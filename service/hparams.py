@@ -1,0 +1,259 @@
+"""Hyper-parameters of the editing methods: validated per-edit data, stored in the ledger.
+
+This module imports no torch: the API process validates user overrides with it.
+Device, dtype and file locations are settings, never hyper-parameters; layer paths
+come from ``workers/models/profiles.py``.
+
+Defaults and their sources (see ``docs/editing.md`` for the measurements):
+
+- v* optimisation (``v_*``, ``clamp_norm_factor``, ``kl_factor``): ROME (Meng et al.
+  2022, App. E.5; kmeng01/rome ``hparams/ROME/gpt2-xl.json``), MEMIT (Meng et al.
+  2023, App. B; kmeng01/memit ``hparams/MEMIT/gpt-j-6B.json``) and EasyEdit's LLaMA
+  presets (zjunlp/EasyEdit ``hparams/{ROME,MEMIT}/llama-7b.yaml``: 25 steps, lr 0.5,
+  clamp 4, KL 0.0625, weight decay 1e-3). ``v_prob_threshold`` (early stop) is ours,
+  tuned on SmolLM2-135M.
+- λ (``mom2_update_weight``): MEMIT's 15,000 was set for GPT-J / LLaMA-7B MLP widths
+  (16,384 / 11,008). A key drawn from the statistics has E[kᵀC⁻¹k] = d_mlp, so the
+  balance between λ·C and an edit key's k kᵀ scales with d_mlp / λ; we keep
+  LLaMA-7B's ratio, λ = 15,000 · d_mlp / 11,008 (2,093 for SmolLM2's 1,536; this is
+  the "λ-scaled" row of PEERS.md, ES 1.00 where 15,000 reaches 0.64).
+- Layers: ROME's causal-tracing layer sits at ~15 % of the depth for GPT-J/LLaMA
+  (5 of 28/32) and ~35 % for GPT-2 XL (17 of 48); MEMIT edits a window of 5 layers
+  around it (GPT-J 3–8, LLaMA-7B 4–8, GPT-2 XL 13–17). Measured on SmolLM2 (30 layers): see
+  :data:`_MEASURED_LAYERS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+log = logging.getLogger(__name__)
+
+METHODS: tuple[str, ...] = ("rome", "memit")
+
+# LLaMA-7B's MLP width and MEMIT λ (zjunlp/EasyEdit hparams/MEMIT/llama-7b.yaml)
+_REF_D_MLP = 11008
+_REF_LAMBDA = 15000.0
+
+
+class _EditHParams(BaseModel):
+    """Knobs shared by the locate-then-edit methods (ROME, MEMIT)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    layers: tuple[int, ...] = Field(min_length=1, description="edited layers (0-based)")
+    fact_token: Literal["subject_last", "last"] = "subject_last"
+    # v* optimisation (ROME eq. 4 / MEMIT eq. 16)
+    v_num_grad_steps: int = Field(25, ge=1, le=1000)
+    v_lr: float = Field(0.5, gt=0)
+    v_loss_layer: int | None = Field(None, description="None: the last layer")
+    v_weight_decay: float = Field(1e-3, ge=0)
+    clamp_norm_factor: float = Field(4.0, gt=0)
+    kl_factor: float = Field(0.0625, ge=0)
+    v_prob_threshold: float = Field(
+        0.9, gt=0, le=1, description="stop a request's v* optimisation at this target prob."
+    )
+    # [length, count] pairs of generated prefixes; "{}" alone is always added
+    context_template_length_params: tuple[tuple[int, int], ...] = ((10, 5),)
+    # second-moment statistics C = E[k kᵀ]
+    mom2_adjustment: bool = True
+    mom2_dataset: str = Field(
+        "self",
+        description="'self' (text the model samples), 'hf:<name>[:<config>[:<split>]]' "
+        "or 'file:<path>' (local text files)",
+    )
+    mom2_n_samples: int = Field(512, ge=1, description="sequences in the statistics corpus")
+    mom2_sample_tokens: int = Field(64, ge=2, le=4096, description="tokens per sequence")
+
+    @model_validator(mode="after")
+    def _check(self) -> _EditHParams:
+        if any(layer < 0 for layer in self.layers):
+            raise ValueError("layers must be non-negative")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers must be distinct")
+        for pair in self.context_template_length_params:
+            if pair[0] < 1 or pair[1] < 0:
+                raise ValueError("context_template_length_params: [length ≥ 1, count ≥ 0]")
+        return self
+
+
+class RomeHParams(_EditHParams):
+    """ROME with the r-ROME key fix (Gupta et al. 2024): one layer, rank one."""
+
+    method: Literal["rome"] = "rome"
+
+    @model_validator(mode="after")
+    def _one_layer(self) -> RomeHParams:
+        if len(self.layers) != 1:
+            raise ValueError("ROME edits exactly one layer")
+        return self
+
+
+class MemitHParams(_EditHParams):
+    """MEMIT (Meng et al. 2023): a batch spread over a window of layers."""
+
+    method: Literal["memit"] = "memit"
+    mom2_update_weight: float = Field(2093.0, gt=0, description="λ in (λC + KKᵀ)⁻¹")
+
+
+HParams = Annotated[RomeHParams | MemitHParams, Field(discriminator="method")]
+_ADAPTER: TypeAdapter[RomeHParams | MemitHParams] = TypeAdapter(HParams)
+HPARAMS_CLASSES: dict[str, type[_EditHParams]] = {"rome": RomeHParams, "memit": MemitHParams}
+
+
+class UnknownMethod(ValueError):
+    pass
+
+
+def hparams_class(method: str) -> type[_EditHParams]:
+    try:
+        return HPARAMS_CLASSES[method]
+    except KeyError:
+        raise UnknownMethod(f"unknown method {method!r}; known: {list(METHODS)}") from None
+
+
+# (model_type, num_layers) → (ROME layer, MEMIT layers), measured (docs/editing.md)
+_MEASURED_LAYERS: dict[tuple[str, int], tuple[int, tuple[int, ...]]] = {
+    ("llama", 30): (4, (3, 4, 5, 6, 7)),  # SmolLM2-135M
+}
+
+
+def default_layers(method: str, model_type: str, num_layers: int) -> tuple[int, ...]:
+    """ROME: one layer at ~15 % of the depth (~35 % for GPT-2); MEMIT: five layers
+    from the one below it (ending at it for GPT-2, as MEMIT's GPT-2 XL 13–17); never
+    the last layer, whose output is the prediction itself."""
+    measured = _MEASURED_LAYERS.get((model_type, num_layers))
+    if measured is not None:
+        return (measured[0],) if method == "rome" else measured[1]
+    frac = 0.35 if model_type == "gpt2" else 0.15
+    highest = max(0, num_layers - 2)
+    centre = min(highest, max(0, round(frac * num_layers)))
+    if method == "rome":
+        return (centre,)
+    first = centre - 4 if model_type == "gpt2" else centre - 1
+    first = max(0, min(first, highest - 4))
+    return tuple(range(first, min(highest, first + 4) + 1))
+
+
+def defaults_for(
+    method: str, model_type: str, num_layers: int, d_mlp: int
+) -> RomeHParams | MemitHParams:
+    """Per-architecture defaults (sources in the module docstring)."""
+    cls = hparams_class(method)
+    values: dict[str, Any] = {
+        "layers": default_layers(method, model_type, num_layers),
+        "v_loss_layer": num_layers - 1,
+    }
+    if method == "memit":
+        values["mom2_update_weight"] = round(_REF_LAMBDA * d_mlp / _REF_D_MLP, 1)
+    return cls(**values)
+
+
+def parse_hparams(data: Mapping[str, Any]) -> RomeHParams | MemitHParams:
+    """Validate a stored hparams dict (with its ``method`` key)."""
+    return _ADAPTER.validate_python(dict(data))
+
+
+def with_overrides(
+    base: RomeHParams | MemitHParams, overrides: Mapping[str, Any] | None
+) -> RomeHParams | MemitHParams:
+    """``base`` with user overrides applied and validated. An unknown key fails
+    with a ``ValidationError`` whose location is that key (``extra_forbidden``)."""
+    if not overrides:
+        return base
+    if "method" in overrides and overrides["method"] != base.method:
+        raise ValueError(f"overrides may not change the method ({base.method!r})")
+    return type(base).model_validate({**base.model_dump(), **dict(overrides)})
+
+
+# -- EasyEdit YAML ------------------------------------------------------------------------
+
+# their key → ours (same meaning)
+_EASYEDIT_KEYS = {
+    "layers": "layers",
+    "fact_token": "fact_token",
+    "v_num_grad_steps": "v_num_grad_steps",
+    "v_lr": "v_lr",
+    "v_loss_layer": "v_loss_layer",
+    "v_weight_decay": "v_weight_decay",
+    "clamp_norm_factor": "clamp_norm_factor",
+    "kl_factor": "kl_factor",
+    "mom2_adjustment": "mom2_adjustment",
+    "mom2_update_weight": "mom2_update_weight",
+    "mom2_n_samples": "mom2_n_samples",
+    "mom2_dataset": "mom2_dataset",
+    "context_template_length_params": "context_template_length_params",
+}
+# keys that describe the model, the machine or paths: settings and profiles own these
+_EASYEDIT_IGNORED = {
+    "alg_name",
+    "model_name",
+    "stats_dir",
+    "device",
+    "model_parallel",
+    "fp16",
+    "bf16",
+    "mom2_dtype",
+    "layer_selection",
+    "rewrite_module_tmp",
+    "layer_module_tmp",
+    "mlp_module_tmp",
+    "attn_module_tmp",
+    "ln_f_module",
+    "lm_head_module",
+    "batch_size",
+    "max_length",
+}
+# ROME's layer_stats corpora by name (kmeng01/rome rome/layer_stats.py)
+_EASYEDIT_DATASETS = {
+    "wikipedia": "hf:wikipedia:20200501.en:train",
+    "wikitext": "hf:wikitext:wikitext-103-raw-v1:train",
+}
+
+
+class EasyEditImportError(ValueError):
+    pass
+
+
+def hparams_from_easyedit_yaml(path_or_text: str | Path) -> RomeHParams | MemitHParams:
+    """Read an EasyEdit ROME/MEMIT hparams YAML (a path or the YAML text itself).
+
+    Their keys map one to one onto ours; module templates, model name, device and
+    dtype are ignored (profiles and settings own them); any other key is an error
+    naming it. Keys they lack keep our defaults (e.g. ``v_prob_threshold``).
+    """
+    text = str(path_or_text)
+    if isinstance(path_or_text, Path) or ("\n" not in text and Path(text).is_file()):
+        text = Path(text).read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise EasyEditImportError(f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise EasyEditImportError("an EasyEdit hparams file is a YAML mapping")
+    alg = str(data.get("alg_name", "")).lower()
+    if alg not in METHODS:
+        raise EasyEditImportError(f"alg_name {data.get('alg_name')!r} is not one of ROME, MEMIT")
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _EASYEDIT_IGNORED:
+            continue
+        if key not in _EASYEDIT_KEYS:
+            raise EasyEditImportError(f"unknown EasyEdit hyper-parameter {key!r}")
+        if key == "mom2_update_weight" and alg != "memit":
+            continue
+        if key == "mom2_dataset":
+            value = _EASYEDIT_DATASETS.get(str(value), str(value))
+        values[_EASYEDIT_KEYS[key]] = value
+    ignored = sorted(set(data) & _EASYEDIT_IGNORED)
+    log.info("EasyEdit %s hparams: ignoring %s", alg, ignored)
+    try:
+        return hparams_class(alg).model_validate(values)
+    except ValidationError as exc:
+        raise EasyEditImportError(f"EasyEdit {alg} hparams do not validate: {exc}") from exc

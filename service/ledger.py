@@ -1,0 +1,300 @@
+"""Ledger operations used by the API (and the CLI): models, jobs, edits, versions.
+
+Every function takes a :class:`~sqlalchemy.orm.Session` and leaves committing to
+the caller (the API commits a new job before it enqueues it). Failures are domain
+errors from :mod:`service.errors`, each naming the input field; nothing is added
+to the session before all input checks passed, so a failed call stores nothing.
+
+Listings use keyset pagination: items come in ascending key order (edit id,
+version number) and ``next_cursor`` is an opaque string that resumes after the
+last item returned, stable while new rows are appended.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.orm import Session, selectinload
+
+from service.errors import InvalidInput, NotFound
+from service.models import Edit, EditStatus, Job, JobKind, JobStatus, Model, Version
+from service.schemas import EditRequestIn
+from service.settings import Settings
+from service.validation import check_hparams, check_method
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE = 500
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+def sync_models(session: Session, settings: Settings) -> list[str]:
+    """Insert a ``models`` row for every configured model name that has none.
+
+    The source comes from the settings; the architecture stays unknown until a
+    worker loads the model and reports it. Existing rows are left as they are.
+    Safe to run from several processes at once. Returns the names inserted.
+    """
+    added: list[str] = []
+    for name, spec in settings.models.items():
+        stmt = (
+            pg_insert(Model)
+            .values(
+                name=name,
+                source=spec.source,
+                policy={"snapshot_every": spec.snapshot_every},
+            )
+            .on_conflict_do_nothing(index_elements=[Model.name])
+            .returning(Model.id)
+        )
+        if session.execute(stmt).first() is not None:
+            added.append(name)
+    if added:
+        log.info("registered models %s", added)
+    return added
+
+
+def get_model(session: Session, name: str) -> Model:
+    model = session.scalar(select(Model).where(Model.name == name))
+    if model is None:
+        raise NotFound("model", f"unknown model {name!r}")
+    return model
+
+
+def list_models(session: Session) -> list[tuple[Model, int | None]]:
+    """Every model with its head version number (None before a worker registered it)."""
+    head = (
+        select(Version.model_id, func.max(Version.number).label("head"))
+        .group_by(Version.model_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Model, head.c.head).outerjoin(head, head.c.model_id == Model.id).order_by(Model.name)
+    ).all()
+    return [(model, number) for model, number in rows]
+
+
+def head_version_number(session: Session, model_id: int) -> int | None:
+    return session.scalar(select(func.max(Version.number)).where(Version.model_id == model_id))
+
+
+# -- jobs -----------------------------------------------------------------------------
+
+
+def create_edit_job(
+    session: Session,
+    model_name: str,
+    method: str,
+    hparams_overrides: Mapping[str, Any] | None,
+    requests: Sequence[EditRequestIn | Mapping[str, Any]],
+    *,
+    max_requests: int | None = None,
+) -> Job:
+    """Add an edit job and one queued edit row per request (positions 0..n-1).
+
+    The job's payload is ``{"method", "hparams"}`` (the user's overrides only; the
+    worker resolves the defaults for the model's architecture). Raises
+    :class:`NotFound` for an unknown model and :class:`InvalidInput` naming the
+    field for an unknown method, a bad override, a bad request or too many.
+    """
+    model = get_model(session, model_name)
+    check_method(method)
+    overrides = check_hparams(method, hparams_overrides)
+    parsed = _parse_requests(requests)
+    if not parsed:
+        raise InvalidInput("requests", "at least one request is needed")
+    if max_requests is not None and len(parsed) > max_requests:
+        raise InvalidInput(
+            "requests", f"at most {max_requests} requests per edit job (got {len(parsed)})"
+        )
+    job = Job(
+        model_id=model.id,
+        kind=JobKind.edit,
+        status=JobStatus.queued,
+        progress=0.0,
+        payload={"method": method, "hparams": overrides},
+    )
+    session.add(job)
+    session.flush()
+    for position, req in enumerate(parsed):
+        session.add(
+            Edit(
+                model_id=model.id,
+                job_id=job.id,
+                position=position,
+                method=method,
+                prompt=req.prompt,
+                subject=req.subject,
+                target_new=req.target_new,
+                target_true=req.target_true,
+                paraphrase_prompts=list(req.paraphrase_prompts),
+                neighborhood_prompts=list(req.neighborhood_prompts),
+                status=EditStatus.queued,
+            )
+        )
+    session.flush()
+    session.refresh(job, attribute_names=["edits"])
+    log.info("job %s: %d %s edit(s) for %s", job.id, len(parsed), method, model_name)
+    return job
+
+
+def _parse_requests(requests: Sequence[EditRequestIn | Mapping[str, Any]]) -> list[EditRequestIn]:
+    parsed = []
+    for i, req in enumerate(requests):
+        if isinstance(req, EditRequestIn):
+            parsed.append(req)
+            continue
+        try:
+            parsed.append(EditRequestIn.model_validate(req))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(["requests", str(i), *(str(p) for p in err["loc"])])
+            raise InvalidInput(field, err["msg"]) from None
+    return parsed
+
+
+def create_rollback_job(session: Session, model_name: str, to_version: int) -> Job:
+    """Add a rollback job to ``to_version``, which must exist for the model."""
+    model = get_model(session, model_name)
+    exists = session.scalar(
+        select(Version.id).where(Version.model_id == model.id, Version.number == to_version)
+    )
+    if exists is None:
+        head = head_version_number(session, model.id)
+        have = "it has no versions yet" if head is None else f"its versions are 0..{head}"
+        raise InvalidInput(
+            "to_version", f"version {to_version} does not exist for model {model_name!r} ({have})"
+        )
+    job = Job(
+        model_id=model.id,
+        kind=JobKind.rollback,
+        status=JobStatus.queued,
+        progress=0.0,
+        payload={"to_version": to_version},
+    )
+    session.add(job)
+    session.flush()
+    log.info("job %s: rollback of %s to version %d", job.id, model_name, to_version)
+    return job
+
+
+def get_job(session: Session, job_id: str) -> tuple[Job, str]:
+    """The job and its model's name; :class:`NotFound` (``job_id``) if there is none.
+
+    A string that is not a job id (a UUID) is simply not found.
+    """
+    try:
+        key = str(uuid.UUID(job_id))
+    except ValueError:
+        raise NotFound("job_id", f"unknown job {job_id!r}") from None
+    row = session.execute(
+        select(Job, Model.name).join(Model, Model.id == Job.model_id).where(Job.id == key)
+    ).first()
+    if row is None:
+        raise NotFound("job_id", f"unknown job {job_id!r}")
+    return row[0], row[1]
+
+
+# -- listings -------------------------------------------------------------------------
+
+
+def list_edits(
+    session: Session,
+    model_name: str,
+    status: EditStatus | str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page[Edit]:
+    """A page of the model's edits by ascending id, optionally of one status.
+
+    Each edit's ``version`` relationship is loaded (its number is the version
+    that applied it).
+    """
+    model = get_model(session, model_name)
+    _check_limit(limit)
+    after = _decode_cursor(cursor, "edits")
+    query = select(Edit).where(Edit.model_id == model.id)
+    if status is not None:
+        query = query.where(Edit.status == _edit_status(status))
+    if after is not None:
+        query = query.where(Edit.id > after)
+    rows = list(
+        session.scalars(
+            query.options(selectinload(Edit.version)).order_by(Edit.id).limit(limit + 1)
+        )
+    )
+    return _page(rows, limit, "edits", lambda e: e.id)
+
+
+def list_versions(
+    session: Session, model_name: str, limit: int = 50, cursor: str | None = None
+) -> Page[Version]:
+    """A page of the model's versions by ascending number."""
+    model = get_model(session, model_name)
+    _check_limit(limit)
+    after = _decode_cursor(cursor, "versions")
+    query = select(Version).where(Version.model_id == model.id)
+    if after is not None:
+        query = query.where(Version.number > after)
+    rows = list(session.scalars(query.order_by(Version.number).limit(limit + 1)))
+    return _page(rows, limit, "versions", lambda v: v.number)
+
+
+def _edit_status(status: EditStatus | str) -> EditStatus:
+    try:
+        return EditStatus(status)
+    except ValueError:
+        known = ", ".join(s.value for s in EditStatus)
+        raise InvalidInput("status", f"unknown status {status!r}; known: {known}") from None
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE:
+        raise InvalidInput("limit", f"must be between 1 and {MAX_PAGE}")
+
+
+def _page(rows: list[T], limit: int, kind: str, key: Any) -> Page[T]:
+    if len(rows) <= limit:
+        return Page(items=rows, next_cursor=None)
+    items = rows[:limit]
+    return Page(items=items, next_cursor=_encode_cursor(kind, key(items[-1])))
+
+
+def _encode_cursor(kind: str, after: int) -> str:
+    raw = json.dumps({"k": kind, "a": after}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None, kind: str) -> int | None:
+    if cursor is None or cursor == "":
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        data = json.loads(raw)
+        after = data["a"]
+        ok = data["k"] == kind and isinstance(after, int) and not isinstance(after, bool)
+    except (binascii.Error, ValueError, TypeError, KeyError):
+        ok = False
+    if not ok:
+        raise InvalidInput("cursor", f"is not a cursor returned by this {kind} listing")
+    return after

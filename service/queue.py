@@ -1,0 +1,119 @@
+"""Hand work to the model workers through Redis (rq), by dotted path.
+
+The API never imports torch or :mod:`workers`: jobs name their function as a
+string that only the worker process resolves. Two kinds of work:
+
+- Edit and rollback jobs go to ``settings.edit_queue(model)`` as
+  ``workers.jobs.run_job(job_id)``, with the rq job id equal to the ledger job id.
+  The caller commits the ledger row first; Redis only carries the id, and a
+  worker re-enqueues ledger jobs that Redis lost.
+- Score and generate go to ``settings.read_queue(model)`` and the API waits for
+  the answer up to ``settings.sync_timeout_s``. No answer in time →
+  :class:`WorkerTimeout` (the rq job is deleted so that no worker runs it later);
+  the worker raised → :class:`WorkerFailed` with the exception's message.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job as RqJob
+from rq.results import Result
+
+from service.errors import Unavailable, WorkerFailed, WorkerTimeout
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RUN_JOB = "workers.jobs.run_job"
+READ_FUNCTIONS = {"score": "workers.jobs.score", "generate": "workers.jobs.generate"}
+
+# how long a read's answer (or failure) stays in Redis after the API got it
+_READ_RESULT_TTL_S = 60
+# a read nobody took expires this long after the API stopped waiting for it (the API
+# deletes it itself; this covers an API process that died while waiting)
+_READ_GRACE_S = 10
+
+
+def enqueue_job(redis: Redis, settings: Settings, model: str, job_id: str) -> None:
+    """Queue ledger job ``job_id`` (edit or rollback) for ``model``'s writer worker."""
+    queue = Queue(settings.edit_queue(model), connection=redis)
+    try:
+        queue.enqueue(
+            RUN_JOB,
+            job_id,
+            job_id=job_id,
+            job_timeout=settings.job_timeout_s,
+            description=f"{RUN_JOB}({job_id!r}) for {model}",
+            unique=True,
+        )
+    except RedisError as exc:
+        raise Unavailable(
+            "redis",
+            f"job {job_id} is stored in the ledger but could not be queued ({exc}); "
+            "a worker re-enqueues it from the ledger when it starts",
+        ) from exc
+    log.info("enqueued job %s on %s", job_id, queue.name)
+
+
+def call_read(
+    redis: Redis,
+    settings: Settings,
+    model: str,
+    function: Literal["score", "generate"],
+    kwargs: dict[str, Any],
+) -> dict[str, Any]:
+    """Run ``workers.jobs.<function>(**kwargs)`` on ``model``'s worker and return its result.
+
+    Waits up to ``settings.sync_timeout_s`` (rounded up to whole seconds, as rq's
+    blocking result read takes seconds). A request nobody answered in time is
+    deleted from the queue, so that no worker runs it later.
+    """
+    wait_s = max(1, math.ceil(settings.sync_timeout_s))
+    queue = Queue(settings.read_queue(model), connection=redis)
+    try:
+        job = queue.enqueue(
+            READ_FUNCTIONS[function],
+            kwargs=kwargs,
+            job_timeout=wait_s,
+            ttl=wait_s + _READ_GRACE_S,
+            result_ttl=_READ_RESULT_TTL_S,
+            failure_ttl=_READ_RESULT_TTL_S,
+            description=f"{function} for {model}",
+        )
+        result = job.latest_result(timeout=wait_s)
+    except RedisError as exc:
+        raise Unavailable("redis", f"the queue did not answer: {exc}") from exc
+    if result is None:
+        _discard(queue, job)
+        raise WorkerTimeout(
+            None,
+            f"no worker for model {model!r} answered the {function} request within "
+            f"{wait_s} s; is a worker for this model running (memedit worker --model "
+            f"{model})?",
+        )
+    if result.type == Result.Type.SUCCESSFUL:
+        return result.return_value
+    raise WorkerFailed(None, f"the worker failed the {function} request: {_exc_message(result)}")
+
+
+def _discard(queue: Queue, job: RqJob) -> None:
+    try:
+        job.delete()
+    except (InvalidJobOperation, NoSuchJobError):
+        queue.remove(job.id)  # its hash expired already; drop the id from the queue
+    except RedisError:
+        log.warning("could not delete timed-out job %s", job.id, exc_info=True)
+
+
+def _exc_message(result: Result) -> str:
+    if result.type == Result.Type.STOPPED:
+        return "the job was stopped"
+    lines = [line for line in (result.exc_string or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "unknown error"

@@ -1,0 +1,201 @@
+"""Request and response bodies of the HTTP API (pydantic v2).
+
+Requests forbid unknown fields, so a misspelt field (``"paraphrases"``) is a 422
+naming it rather than silently ignored. Surrounding whitespace of prompts,
+subjects and targets is removed; targets carry no leading space (the methods and
+the metrics prepend one, as CounterFact does).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from service.models import EditStatus, JobKind, JobStatus, VersionKind
+from service.validation import check_complete_prompt, check_template
+
+MAX_TEXT = 2000  # characters in one prompt, subject or target
+MAX_PROMPT_LIST = 64  # paraphrase or neighbourhood prompts per request
+DEFAULT_NEW_TOKENS = 20  # generate's max_new_tokens when the client gives none
+
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT)]
+Template = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=MAX_TEXT),
+    AfterValidator(check_template),
+]
+CompletePrompt = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=MAX_TEXT),
+    AfterValidator(check_complete_prompt),
+]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- edits ----------------------------------------------------------------------------
+
+
+class EditRequestIn(_Input):
+    """One fact correction: ``prompt.format(subject)`` should continue with ``target_new``."""
+
+    prompt: Template = Field(
+        description="template with exactly one {} where the subject goes",
+        examples=["{} is located in"],
+    )
+    subject: Text = Field(examples=["The Eiffel Tower"])
+    target_new: Text = Field(examples=["Rome"])
+    target_true: Text | None = Field(None, examples=["Paris"])
+    paraphrase_prompts: list[CompletePrompt] = Field(
+        default_factory=list,
+        max_length=MAX_PROMPT_LIST,
+        description="complete prompts that should also continue with target_new",
+        examples=[["The Eiffel Tower stands in the city of"]],
+    )
+    neighborhood_prompts: list[CompletePrompt] = Field(
+        default_factory=list,
+        max_length=MAX_PROMPT_LIST,
+        description="complete prompts about other subjects that should keep target_true",
+        examples=[["The Louvre is located in"]],
+    )
+
+
+class EditCreate(_Input):
+    method: str = Field(description="editing method id", examples=["rome"])
+    requests: list[EditRequestIn] = Field(min_length=1)
+    hparams: dict[str, Any] | None = Field(
+        None,
+        description="hyper-parameter overrides for the method (keys of its hparams)",
+        examples=[{"v_num_grad_steps": 20}],
+    )
+
+
+class EditJobCreated(BaseModel):
+    job_id: str
+    edit_ids: list[int]
+
+
+class EditPublic(BaseModel):
+    id: int
+    job_id: str
+    method: str
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str | None
+    paraphrase_prompts: list[str]
+    neighborhood_prompts: list[str]
+    status: EditStatus
+    version: int | None = Field(description="number of the version that applied the edit")
+    metrics: dict[str, Any] | None
+    reason: str | None
+    created_at: datetime
+
+
+class EditsPublic(BaseModel):
+    items: list[EditPublic]
+    next_cursor: str | None
+
+
+# -- jobs -----------------------------------------------------------------------------
+
+
+class JobCreated(BaseModel):
+    job_id: str
+
+
+class JobPublic(BaseModel):
+    id: str
+    kind: JobKind
+    model: str
+    status: JobStatus
+    progress: float = Field(ge=0, le=1)
+    message: str | None
+    error: str | None
+    result: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+# -- versions and rollback ------------------------------------------------------------
+
+
+class VersionPublic(BaseModel):
+    number: int
+    kind: VersionKind
+    method: str | None
+    hparams: dict[str, Any] | None
+    parent_number: int | None
+    job_id: str | None
+    created_at: datetime
+    drift: dict[str, float] = Field(description="edited parameter -> ||W - W0||_F / rows")
+    update_norm: float | None
+    tensor_sha256: dict[str, str]
+    timing: dict[str, float]
+
+
+class VersionsPublic(BaseModel):
+    items: list[VersionPublic]
+    next_cursor: str | None
+
+
+class RollbackCreate(_Input):
+    to_version: int = Field(ge=0, description="an existing version number of this model")
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+class ModelPublic(BaseModel):
+    name: str
+    source: str
+    architecture: str | None = Field(description="model_type, known once a worker loaded it")
+    head_version: int | None = Field(description="newest version number; null before a worker")
+
+
+# -- synchronous reads ----------------------------------------------------------------
+
+
+class ScoreRequest(_Input):
+    prompts: list[Text] = Field(min_length=1, examples=[["The Eiffel Tower is located in"]])
+    targets: list[Text] = Field(min_length=1, examples=[["Rome"]])
+
+
+class ScoreResponse(BaseModel):
+    logprobs: list[float] = Field(
+        description='mean per-token log-probability of " " + target after each prompt'
+    )
+    version: int
+
+
+class GenerateRequest(_Input):
+    prompt: Text = Field(examples=["The Eiffel Tower is located in"])
+    max_new_tokens: int | None = Field(
+        None, ge=1, description=f"default {DEFAULT_NEW_TOKENS} (or the server's maximum, if lower)"
+    )
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    version: int
+
+
+# -- errors ---------------------------------------------------------------------------
+
+
+class ErrorItem(BaseModel):
+    field: str | None = Field(
+        description="dotted path of the offending input, e.g. requests.0.prompt"
+    )
+    message: str
+    type: str
+
+
+class ErrorPublic(BaseModel):
+    detail: str = Field(description="the first error as '<field>: <message>'")
+    errors: list[ErrorItem]

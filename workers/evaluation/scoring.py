@@ -1,0 +1,179 @@
+"""Teacher-forced target scoring and the CounterFact scores (pure torch).
+
+The definitions are CounterFact's ``test_batch_prediction`` and
+``experiments/summarize.py`` as ../shared/data/README.md states them:
+
+- ``lp(p, o)`` = the mean over the tokens t_1…t_m of ``" " + o`` (tokenized without
+  special tokens) of log P(t_j | prompt tokens, t_1…t_{j−1}), natural log; the
+  prompt is tokenized with the tokenizer's own special-token behaviour, and the
+  log-softmax at position n_p + j − 1 is read at t_j (1-based j).
+- Efficacy (ES): 1 if lp(rewrite, new) > lp(rewrite, true) (strict); paraphrase
+  (PS): the mean of that indicator over the paraphrase prompts; neighborhood (NS):
+  the mean of lp(p, true) > lp(p, new) over the neighborhood prompts.
+- Magnitudes (EM/PM/NM, ``*_diff``): the mean of exp(lp_new) − exp(lp_true),
+  swapped for neighborhood prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workers.editing.types import EditRequest
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pad_id(tok: Any) -> int:
+    for tid in (tok.pad_token_id, tok.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def encode_pairs(
+    tok: Any, prompts: Sequence[str], targets: Sequence[str]
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, target ids) per pair: the prompt with the tokenizer's special
+    tokens, the target as ``" " + target`` without them."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    out = []
+    for prompt, target in zip(prompts, targets, strict=True):
+        p_ids = list(tok(prompt)["input_ids"])
+        t_ids = list(tok(" " + target, add_special_tokens=False)["input_ids"])
+        if not t_ids:
+            raise ValueError(f"target {target!r} tokenizes to nothing")
+        out.append((p_ids, t_ids))
+    return out
+
+
+def target_logprobs(
+    model: torch.nn.Module,
+    tok: Any,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    batch_size: int = 32,
+) -> list[float]:
+    """Mean per-token natural-log probability of ``" " + target`` after each prompt.
+
+    Sequences are the prompt's ids followed by the target's ids, right-padded in
+    batches of ``batch_size``; the target token j (0-based) is read from the
+    log-softmax at position n_p + j − 1.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    pairs = encode_pairs(tok, prompts, targets)
+    device = _device(model)
+    pad = _pad_id(tok)
+    out: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            seqs = [p + t for p, t in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for i, s in enumerate(seqs):
+                ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[i, : len(s)] = 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            for i, (p_ids, t_ids) in enumerate(chunk):
+                n_p, m = len(p_ids), len(t_ids)
+                rows = logits[i, n_p - 1 : n_p - 1 + m].float()
+                logp = F.log_softmax(rows, dim=-1)
+                picked = logp.gather(1, torch.tensor(t_ids, device=logp.device)[:, None])
+                out.append(float(picked.double().mean()))
+    return out
+
+
+def _indicator_mean(a: Sequence[float], b: Sequence[float]) -> float | None:
+    if not a:
+        return None
+    return sum(1.0 if x > y else 0.0 for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def _diff_mean(a: Sequence[float], b: Sequence[float]) -> float | None:
+    if not a:
+        return None
+    return sum(math.exp(x) - math.exp(y) for x, y in zip(a, b, strict=True)) / len(a)
+
+
+def counterfact_scores(
+    model: torch.nn.Module, tok: Any, request: EditRequest, batch_size: int | None = None
+) -> dict[str, Any]:
+    """CounterFact efficacy/paraphrase/neighborhood of one request (by default all its
+    prompts with both targets in one batch).
+
+    Returns ``efficacy`` (1.0/0.0), ``paraphrase`` and ``neighborhood`` (means, None
+    without prompts), their magnitude variants ``*_diff``, and the raw log-probs
+    under ``logprobs[group] = {"new": [...], "true": [...]}``.
+    """
+    if not request.target_true:
+        raise ValueError("counterfact_scores needs target_true (the fact being replaced)")
+    groups = {
+        "rewrite": [request.text],
+        "paraphrase": list(request.paraphrase_prompts),
+        "neighborhood": list(request.neighborhood_prompts),
+    }
+    prompts: list[str] = []
+    targets: list[str] = []
+    for group_prompts in groups.values():
+        for p in group_prompts:
+            prompts += [p, p]
+            targets += [request.target_new, request.target_true]
+    lps = target_logprobs(model, tok, prompts, targets, batch_size=batch_size or len(prompts))
+    logprobs: dict[str, dict[str, list[float]]] = {}
+    k = 0
+    for name, group_prompts in groups.items():
+        n = len(group_prompts)
+        logprobs[name] = {"new": lps[k : k + 2 * n : 2], "true": lps[k + 1 : k + 2 * n : 2]}
+        k += 2 * n
+    rw, pa, nb = logprobs["rewrite"], logprobs["paraphrase"], logprobs["neighborhood"]
+    return {
+        "efficacy": _indicator_mean(rw["new"], rw["true"]),
+        "paraphrase": _indicator_mean(pa["new"], pa["true"]),
+        "neighborhood": _indicator_mean(nb["true"], nb["new"]),
+        "efficacy_diff": _diff_mean(rw["new"], rw["true"]),
+        "paraphrase_diff": _diff_mean(pa["new"], pa["true"]),
+        "neighborhood_diff": _diff_mean(nb["true"], nb["new"]),
+        "logprobs": logprobs,
+    }
+
+
+def generate(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt`` (the new text only), stopping at EOS."""
+    if max_new_tokens < 0:
+        raise ValueError("max_new_tokens must be non-negative")
+    device = _device(model)
+    prompt_ids = list(tok(prompt)["input_ids"])
+    if not prompt_ids:
+        raise ValueError("the prompt tokenizes to nothing")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    eos = tok.eos_token_id
+    new_ids: list[int] = []
+    with torch.inference_mode():
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        out = model(input_ids=ids, use_cache=True)
+        while len(new_ids) < max_new_tokens:
+            nxt = int(out.logits[0, -1].argmax())
+            if eos is not None and nxt == eos:
+                break
+            new_ids.append(nxt)
+            if limit is not None and len(prompt_ids) + len(new_ids) >= limit:
+                break
+            if len(new_ids) == max_new_tokens:
+                break
+            step = torch.tensor([[nxt]], dtype=torch.long, device=device)
+            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+    prompt_text = tok.decode(prompt_ids, skip_special_tokens=True)
+    full_text = tok.decode(prompt_ids + new_ids, skip_special_tokens=True)
+    if full_text.startswith(prompt_text):
+        return full_text[len(prompt_text) :]
+    return tok.decode(new_ids, skip_special_tokens=True)

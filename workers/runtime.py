@@ -1,0 +1,715 @@
+"""The model runtime: one loaded model whose weights equal a ledger version exactly.
+
+A version's state is *derived* (STYLE.md §3, docs/versions.md): every parameter an
+edit touched is rebuilt as
+
+    W_N = cast(W_0 + ΔW_1 + ΔW_2 + … + ΔW_N)        (sum in fp32, in ledger order)
+
+from its pristine value W_0 and the deltas on version N's chain — or from a stored
+snapshot of the fp32 sums at a version S on that chain, plus the deltas after S.
+Nothing is ever undone by subtraction: going back re-derives the older state, and
+a tentative edit that is discarded is restored by copying the previous tensors back.
+After a rebuild every recorded tensor hash is checked; a mismatch raises
+:class:`IntegrityError` and leaves the previous, verified state in place.
+
+The runtime keeps, on the model's own device:
+
+- a pristine copy of every parameter it has ever modified (taken lazily, just
+  before the first modification; in the parameter's own dtype, which widens to
+  fp32 exactly);
+- the fp32 accumulator ``W_0 + Σ ΔW`` of each parameter modified on the current
+  chain (``touched_params``);
+- method state that is part of a version besides the weights (:class:`ChainState`;
+  :class:`AuxState` holds WeightDelta ``aux`` tensors, e.g. AlphaEdit's K Kᵀ).
+
+The ledger is read by the caller; this module sees versions as plain
+:class:`VersionRecord` values and artifacts through an :class:`ArtifactStore`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from transformers.pytorch_utils import Conv1D
+
+from workers.artifacts import ArtifactStore
+from workers.editing.types import DenseUpdate, LowRankUpdate, Update, WeightDelta
+from workers.models.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT = "1"
+_ACC = "acc:"  # snapshot key prefix of parameter accumulators
+_SNAPSHOT_KEY = "memedit_snapshot"
+
+
+class IntegrityError(RuntimeError):
+    """A rebuilt state does not hash to what the ledger recorded (or a snapshot is
+    not the version it claims to be). The runtime refuses to serve it."""
+
+
+class ChainError(ValueError):
+    """The version records do not form a valid chain to the requested version."""
+
+
+# -- hashing -------------------------------------------------------------------------
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 over ``"<dtype>:<shape>:"`` and the tensor's raw bytes (computed on CPU).
+
+    Works for every dtype (bf16/fp16 included) because the bytes are read through a
+    ``uint8`` view of the contiguous tensor, not through NumPy's dtypes.
+    """
+    flat = t.detach().contiguous().cpu().reshape(-1)
+    h = hashlib.sha256()
+    dtype = str(flat.dtype).removeprefix("torch.")
+    h.update(f"{dtype}:{','.join(str(s) for s in t.shape)}:".encode())
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+# -- ledger view ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class VersionRecord:
+    """A ledger version as the runtime needs it (no database types).
+
+    ``parent_number`` is the version this one builds on: ``number - 1`` for an edit
+    (assumed when absent), the rollback target for a rollback (which carries no
+    delta). ``tensor_sha256`` maps tensor names — parameter names and, for method
+    state, ``"aux:<name>"`` — to the hashes recorded after this version.
+    """
+
+    number: int
+    kind: str  # "base" | "edit" | "rollback"
+    parent_number: int | None = None
+    delta_path: str | None = None
+    delta_sha256: str | None = None
+    snapshot_path: str | None = None
+    snapshot_sha256: str | None = None
+    tensor_sha256: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def parent(self) -> int | None:
+        if self.kind == "base":
+            return None
+        if self.parent_number is None and self.kind == "edit":
+            return self.number - 1
+        return self.parent_number
+
+
+@dataclass(frozen=True)
+class ReplayPlan:
+    """How to reach ``target``: start from ``start`` ("current", "base" or
+    "snapshot" of version ``start_number``), then apply ``deltas`` in order."""
+
+    target: int
+    start: str
+    start_number: int
+    deltas: tuple[VersionRecord, ...]
+
+
+def plan_replay(
+    records: Mapping[int, VersionRecord], target: int, current: int | None = None
+) -> ReplayPlan:
+    """Walk target → parent → … until the current version, a snapshot, or the base."""
+    chain: list[VersionRecord] = []
+    number = target
+    while True:
+        rec = records.get(number)
+        if rec is None:
+            raise ChainError(f"version {number} (on the chain of {target}) is not in the records")
+        if rec.number != number:
+            raise ChainError(f"record under key {number} says it is version {rec.number}")
+        if rec.kind == "base":
+            start = "base"
+            break
+        if current is not None and number == current:
+            start = "current"
+            break
+        if rec.snapshot_path is not None:
+            start = "snapshot"
+            break
+        if rec.kind == "edit":
+            if rec.delta_path is None:
+                raise ChainError(f"edit version {number} has no delta artifact")
+            chain.append(rec)
+        elif rec.kind != "rollback":
+            raise ChainError(f"version {number} has unknown kind {rec.kind!r}")
+        parent = rec.parent
+        if parent is None or not 0 <= parent < number:
+            raise ChainError(f"version {number} ({rec.kind}) has invalid parent {parent!r}")
+        number = parent
+    chain.reverse()
+    return ReplayPlan(target=target, start=start, start_number=number, deltas=tuple(chain))
+
+
+def same_state_versions(records: Mapping[int, VersionRecord], number: int) -> list[int]:
+    """``number`` and the versions whose state it equals by definition: a rollback
+    carries no delta, so it equals its parent (and so on through rollbacks)."""
+    out = [number]
+    rec = records.get(number)
+    while rec is not None and rec.kind == "rollback" and rec.parent is not None:
+        if not 0 <= rec.parent < out[-1]:
+            break
+        out.append(rec.parent)
+        rec = records.get(rec.parent)
+    return out
+
+
+# -- method state besides the weights ------------------------------------------------------
+class ChainState(Protocol):
+    """Extension point: method state that belongs to a version besides the weights.
+
+    It is replayed with the deltas, snapshotted with the accumulators and hashed
+    under ``prefix + name``. :class:`AuxState` is the additive kind (AlphaEdit's
+    K Kᵀ); a GRACE codebook would be another implementation whose ``apply``/``load``
+    /``reset`` also (re)install its adaptor module on the model.
+    """
+
+    prefix: str
+
+    def validate(self, delta: WeightDelta) -> None: ...
+    def apply(self, delta: WeightDelta) -> None: ...
+    def checkpoint(self) -> object: ...
+    def restore(self, token: object) -> None: ...
+    def reset(self) -> None: ...
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
+
+
+class AuxState:
+    """Additive fp32 method state: ``aux[name] = Σ delta.aux[name]`` over the chain,
+    summed in ledger order (elementwise, so replay is bit-exact)."""
+
+    prefix = "aux:"
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.values: dict[str, torch.Tensor] = {}
+
+    def validate(self, delta: WeightDelta) -> None:
+        for name, t in delta.aux.items():
+            have = self.values.get(name)
+            if have is not None and tuple(have.shape) != tuple(t.shape):
+                raise ValueError(
+                    f"aux state {name!r} has shape {tuple(have.shape)}, "
+                    f"the delta adds {tuple(t.shape)}"
+                )
+
+    def apply(self, delta: WeightDelta) -> None:
+        for name, t in delta.aux.items():
+            add = t.detach().to(device=self.device, dtype=torch.float32)
+            have = self.values.get(name)
+            # out of place: checkpoints hold references to the old tensors
+            self.values[name] = add.clone() if have is None else have + add
+
+    def checkpoint(self) -> object:
+        return dict(self.values)
+
+    def restore(self, token: object) -> None:
+        if not isinstance(token, dict):
+            raise TypeError("not an AuxState checkpoint")
+        self.values = dict(token)
+
+    def reset(self) -> None:
+        self.values = {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.values)
+
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.values = {k: v.to(device=self.device, dtype=torch.float32) for k, v in tensors.items()}
+
+
+# -- results -----------------------------------------------------------------------------
+class Drift(NamedTuple):
+    """Per touched parameter: ``per_row`` = ‖W − W₀‖_F / rows (rows = d_out in
+    nn.Linear orientation, as Gupta et al. normalise), ``relative`` = ‖W − W₀‖_F / ‖W₀‖_F."""
+
+    per_row: dict[str, float]
+    relative: dict[str, float]
+
+
+@dataclass
+class Staged:
+    """A delta applied tentatively on top of version ``parent_version``.
+
+    ``tensor_sha256``, ``drift`` and ``drift_relative`` cover every parameter touched
+    on the chain so far (this delta included; hashes also cover method state as
+    ``"aux:<name>"``); ``update_norm`` is ‖ΔW‖_F of this delta over all its parameters.
+    """
+
+    parent_version: int
+    params: tuple[str, ...]
+    tensor_sha256: dict[str, str]
+    drift: dict[str, float]
+    drift_relative: dict[str, float]
+    update_norm: float
+    _runtime: ModelRuntime | None = field(repr=False, default=None)
+    _prev_acc: dict[str, torch.Tensor | None] = field(repr=False, default_factory=dict)
+    _prev_states: list[object] = field(repr=False, default_factory=list)
+
+    @property
+    def number(self) -> int:
+        """The version this stage becomes when committed (an edit's parent is N − 1)."""
+        return self.parent_version + 1
+
+    def snapshot_bytes(self) -> bytes:
+        """Snapshot of the staged state, as version :attr:`number` (while still pending)."""
+        if self._runtime is None or self._runtime._staged is not self:
+            raise RuntimeError("this Staged is no longer pending")
+        return self._runtime._snapshot(self.number)
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    version: int
+    start: str  # "current" | "base" | "snapshot"
+    start_number: int
+    replayed: tuple[int, ...]
+    restored: tuple[str, ...]  # parameters set back to pristine
+    verified: int  # number of recorded hashes checked
+    unverified: tuple[str, ...]  # touched parameters the record has no hash for
+
+
+# -- the runtime -------------------------------------------------------------------------
+class ModelRuntime:
+    """Holds one model and moves it exactly between ledger versions.
+
+    A fresh runtime is at version 0 (the weights as loaded). Use :meth:`sync` to
+    reach a ledger version, :meth:`stage` + :meth:`commit`/:meth:`discard` to add
+    one, :meth:`snapshot_bytes` to let later syncs start from here.
+    """
+
+    def __init__(self, loaded: LoadedModel | torch.nn.Module) -> None:
+        if isinstance(loaded, LoadedModel):
+            self.loaded: LoadedModel | None = loaded
+            self.model: torch.nn.Module = loaded.model
+        else:
+            self.loaded = None
+            self.model = loaded
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._canonical: dict[str, str] = {}
+        first: dict[int, str] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            canon = first.setdefault(id(p), name)
+            self._canonical[name] = canon
+            self._params.setdefault(canon, p)
+        self.device = next(iter(self._params.values())).device
+        self._pristine: dict[str, torch.Tensor] = {}
+        self._acc: dict[str, torch.Tensor] = {}
+        self._hash_cache: dict[str, str] = {}
+        self._base_hashes: dict[str, str] | None = None
+        self._w0_norm: dict[str, float] = {}
+        self.states: list[ChainState] = [AuxState(self.device)]
+        self._staged: Staged | None = None
+        self.current_version: int | None = 0
+
+    # -- introspection ------------------------------------------------------------
+    @property
+    def touched_params(self) -> frozenset[str]:
+        """Parameters that differ from pristine on the current chain."""
+        return frozenset(self._acc)
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer of the :class:`LoadedModel` given (None for a bare module)."""
+        return None if self.loaded is None else self.loaded.tokenizer
+
+    @property
+    def aux(self) -> dict[str, torch.Tensor]:
+        return self._aux_state().tensors()
+
+    def _aux_state(self) -> AuxState:
+        for s in self.states:
+            if isinstance(s, AuxState):
+                return s
+        raise RuntimeError("no AuxState configured")
+
+    def param(self, name: str) -> torch.nn.Parameter:
+        try:
+            return self._params[self._canonical[name]]
+        except KeyError:
+            raise ValueError(f"the model has no parameter {name!r}") from None
+
+    def canonical(self, name: str) -> str:
+        """The name under which a (possibly tied) parameter is tracked and hashed."""
+        self.param(name)
+        return self._canonical[name]
+
+    def pristine(self, name: str) -> torch.Tensor:
+        """W_0 of a parameter (read-only view; do not modify)."""
+        canon = self.canonical(name)
+        return self._pristine.get(canon, self._params[canon].detach())
+
+    # -- hashing --------------------------------------------------------------------
+    def base_hashes(self) -> dict[str, str]:
+        """sha256 of every parameter of the pristine model (computed once)."""
+        if self._base_hashes is None:
+            self._base_hashes = {
+                name: tensor_sha256(self._pristine.get(name, p.detach()))
+                for name, p in self._params.items()
+            }
+        return dict(self._base_hashes)
+
+    def tensor_hashes(self, names: Iterable[str] | None = None) -> dict[str, str]:
+        """Current hashes of ``names`` (default: the touched parameters and the
+        method state). Names may be parameters or ``"<prefix><state name>"``; method
+        state that the current version does not have is left out."""
+        if names is None:
+            names = sorted(self._acc) + sorted(self._state_hash_names())
+        out: dict[str, str] = {}
+        for name in names:
+            h = self._hash_of(name)
+            if h is not None:
+                out[name] = h
+        return out
+
+    def _state_hash_names(self) -> list[str]:
+        return [s.prefix + k for s in self.states for k in s.tensors()]
+
+    def _hash_of(self, name: str) -> str | None:
+        """The hash of a parameter or of method state (None: no such state now)."""
+        for s in self.states:
+            if name.startswith(s.prefix):
+                t = s.tensors().get(name[len(s.prefix) :])
+                return None if t is None else tensor_sha256(t)
+        canon = self.canonical(name)
+        cached = self._hash_cache.get(canon)
+        if cached is None:
+            cached = self._hash_cache[canon] = tensor_sha256(self._params[canon])
+        return cached
+
+    # -- drift ------------------------------------------------------------------------
+    def rows(self, name: str) -> int:
+        """d_out in nn.Linear orientation (a GPT-2 Conv1D weight is [d_in, d_out])."""
+        p = self.param(name)
+        module_name = self.canonical(name).rpartition(".")[0]
+        module = self.model.get_submodule(module_name) if module_name else self.model
+        if isinstance(module, Conv1D) and p.dim() == 2:
+            return int(p.shape[1])
+        return int(p.shape[0]) if p.dim() else 1
+
+    def _drift_of(self, name: str) -> tuple[float, float]:
+        w = self._params[name].detach().to(torch.float32)
+        w0 = self._pristine.get(name, self._params[name].detach()).to(torch.float32)
+        diff = float(torch.linalg.vector_norm(w - w0, dtype=torch.float64))
+        if name not in self._w0_norm:
+            self._w0_norm[name] = float(torch.linalg.vector_norm(w0, dtype=torch.float64))
+        base = self._w0_norm[name]
+        return diff / self.rows(name), (diff / base if base > 0 else float("inf"))
+
+    def drift(self) -> Drift:
+        """Drift of every touched parameter from its pristine value (see :class:`Drift`)."""
+        pairs = {n: self._drift_of(n) for n in sorted(self._acc)}
+        return Drift({n: a for n, (a, _) in pairs.items()}, {n: r for n, (_, r) in pairs.items()})
+
+    # -- primitive moves -----------------------------------------------------------
+    def _ensure_pristine(self, name: str) -> torch.Tensor:
+        t = self._pristine.get(name)
+        if t is None:
+            t = self._pristine[name] = self._params[name].detach().clone()
+        return t
+
+    def _write(self, name: str, value: torch.Tensor) -> None:
+        """Set a parameter to ``value`` cast to its dtype (one rounding, no arithmetic)."""
+        self._ensure_pristine(name)
+        with torch.no_grad():
+            self._params[name].copy_(value)
+        self._hash_cache.pop(name, None)
+
+    def _restore_pristine(self, name: str) -> None:
+        with torch.no_grad():
+            self._params[name].copy_(self._pristine[name])
+        self._hash_cache.pop(name, None)
+
+    def _dense(self, delta: WeightDelta) -> dict[str, torch.Tensor]:
+        """Validate a delta and return canonical name → fp32 ΔW on the parameter's device.
+
+        The factors are first cast to fp32 exactly as ``WeightDelta.to_bytes`` stores
+        them, so staging and a later replay from the artifact compute the same bits.
+        """
+        if not delta.is_finite():
+            raise ValueError("refusing a delta with non-finite values")
+        for s in self.states:
+            s.validate(delta)
+        updates: list[Update] = []
+        for u in delta.updates:
+            canon = self.canonical(u.param)
+            dev = self._params[canon].device
+            if isinstance(u, LowRankUpdate):
+                updates.append(LowRankUpdate(canon, _f32(u.left, dev), _f32(u.right, dev)))
+            elif isinstance(u, DenseUpdate):
+                updates.append(DenseUpdate(canon, _f32(u.delta, dev)))
+            else:
+                raise TypeError(f"unsupported update type {type(u).__name__}")
+        dense = WeightDelta(method=delta.method, updates=updates).dense()
+        for name, d in dense.items():
+            shape = tuple(self._params[name].shape)
+            if tuple(d.shape) != shape:
+                raise ValueError(f"delta for {name} has shape {tuple(d.shape)}, expected {shape}")
+            if not bool(torch.isfinite(d).all()):
+                raise ValueError(f"refusing a delta whose ΔW for {name} is not finite")
+        return dense
+
+    def _start(self, name: str, acc: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        have = acc.get(name)
+        if have is not None:
+            return have
+        return self._pristine.get(name, self._params[name].detach()).to(torch.float32)
+
+    # -- stage / commit / discard -------------------------------------------------------
+    def stage(self, delta: WeightDelta) -> Staged:
+        """Apply ``delta`` tentatively on top of the current version."""
+        if self._staged is not None:
+            raise RuntimeError("a staged delta is pending: commit or discard it first")
+        if self.current_version is None:
+            raise RuntimeError("the runtime is not at a known version: sync first")
+        dense = self._dense(delta)
+        new: dict[str, torch.Tensor] = {}
+        for name, d in dense.items():
+            new[name] = self._start(name, self._acc) + d
+            if not bool(torch.isfinite(new[name]).all()):
+                raise ValueError(f"refusing a delta that makes {name} non-finite")
+        prev_acc = {name: self._acc.get(name) for name in new}
+        prev_states = [s.checkpoint() for s in self.states]
+        for name, value in new.items():
+            self._acc[name] = value
+            self._write(name, value)
+        for s in self.states:
+            s.apply(delta)
+        norm = sum(float(d.double().pow(2).sum()) for d in dense.values()) ** 0.5
+        drift = self.drift()
+        staged = Staged(
+            parent_version=self.current_version,
+            params=tuple(new),
+            tensor_sha256=self.tensor_hashes(),
+            drift=drift.per_row,
+            drift_relative=drift.relative,
+            update_norm=norm,
+            _runtime=self,
+            _prev_acc=prev_acc,
+            _prev_states=prev_states,
+        )
+        self._staged = staged
+        return staged
+
+    def commit(self, staged: Staged, number: int) -> None:
+        """Make the staged state version ``number`` (after the ledger recorded it)."""
+        self._check_staged(staged)
+        self.current_version = number
+        self._staged = None
+        staged._runtime = None
+        staged._prev_acc = {}
+        staged._prev_states = []
+
+    def discard(self, staged: Staged) -> None:
+        """Put back the state before :meth:`stage`, bit for bit (copies, no subtraction)."""
+        self._check_staged(staged)
+        for name, prev in staged._prev_acc.items():
+            if prev is None:
+                del self._acc[name]
+                self._restore_pristine(name)
+            else:
+                self._acc[name] = prev
+                self._write(name, prev)
+        for s, token in zip(self.states, staged._prev_states, strict=True):
+            s.restore(token)
+        self._staged = None
+        staged._runtime = None
+
+    def _check_staged(self, staged: Staged) -> None:
+        if self._staged is None or staged is not self._staged:
+            raise RuntimeError("this Staged is not the runtime's pending stage")
+
+    # -- sync -------------------------------------------------------------------------
+    def sync(
+        self,
+        records: Mapping[int, VersionRecord],
+        target: int,
+        store: ArtifactStore,
+        *,
+        from_scratch: bool = False,
+        progress: Callable[[float, str], None] | None = None,
+    ) -> SyncReport:
+        """Rebuild version ``target`` and verify its recorded hashes.
+
+        Starts from the current state when the current version is on the target's
+        chain (unless ``from_scratch``), else from the nearest snapshot on the chain,
+        else from the base; replays the deltas after it. Parameters modified in
+        memory but not on the target's chain go back to pristine. On a hash mismatch
+        the previous state is put back and :class:`IntegrityError` is raised.
+        """
+        if self._staged is not None:
+            raise RuntimeError("a staged delta is pending: commit or discard it first")
+        plan = plan_replay(records, target, None if from_scratch else self.current_version)
+        old_acc = dict(self._acc)
+        old_states = [s.checkpoint() for s in self.states]
+        try:
+            acc: dict[str, torch.Tensor] = {}
+            if plan.start == "current":
+                acc = dict(self._acc)
+            else:
+                for s in self.states:
+                    s.reset()
+                if plan.start == "snapshot":
+                    acc = self._load_snapshot(
+                        records[plan.start_number],
+                        store,
+                        same_state_versions(records, plan.start_number),
+                    )
+            for i, rec in enumerate(plan.deltas):
+                if progress is not None:
+                    progress(i / max(len(plan.deltas), 1), f"replaying version {rec.number}")
+                delta = WeightDelta.from_bytes(store.get(rec.delta_path, rec.delta_sha256))
+                for name, d in self._dense(delta).items():
+                    acc[name] = self._start(name, acc) + d
+                for s in self.states:
+                    s.apply(delta)
+        except BaseException:
+            for s, token in zip(self.states, old_states, strict=True):
+                s.restore(token)
+            raise
+        restored = self._install(acc, old_acc)
+        rec = records[target]
+        try:
+            verified = self._verify(rec, restored, records.get(0))
+        except IntegrityError:
+            self._install(old_acc, acc)
+            for s, token in zip(self.states, old_states, strict=True):
+                s.restore(token)
+            raise
+        self.current_version = target
+        unverified = tuple(sorted(n for n in self._acc if n not in rec.tensor_sha256))
+        if unverified:
+            log.warning("version %d records no hash for %s", target, ", ".join(unverified))
+        if progress is not None:
+            progress(1.0, f"at version {target}")
+        log.info(
+            "synced to version %d from %s %d, replayed %s",
+            target,
+            plan.start,
+            plan.start_number,
+            [r.number for r in plan.deltas],
+        )
+        return SyncReport(
+            version=target,
+            start=plan.start,
+            start_number=plan.start_number,
+            replayed=tuple(r.number for r in plan.deltas),
+            restored=restored,
+            verified=verified,
+            unverified=unverified,
+        )
+
+    def _install(
+        self, acc: dict[str, torch.Tensor], old_acc: Mapping[str, torch.Tensor]
+    ) -> tuple[str, ...]:
+        """Write ``acc`` into the model; parameters of ``old_acc`` not in it → pristine."""
+        for name, value in acc.items():
+            if old_acc.get(name) is not value:
+                self._write(name, value)
+        restored = tuple(sorted(n for n in old_acc if n not in acc))
+        for name in restored:
+            self._restore_pristine(name)
+        self._acc = dict(acc)
+        return restored
+
+    def _verify(
+        self, rec: VersionRecord, restored: Iterable[str], base: VersionRecord | None
+    ) -> int:
+        expected = dict(rec.tensor_sha256)
+        if base is not None:
+            # parameters put back to pristine must hash as the base recorded them
+            for name in restored:
+                if name in base.tensor_sha256:
+                    expected.setdefault(name, base.tensor_sha256[name])
+        for name, want in expected.items():
+            try:
+                have = self._hash_of(name)
+            except ValueError as e:
+                raise IntegrityError(f"version {rec.number}: {e}") from None
+            if have is None:
+                raise IntegrityError(f"version {rec.number}: method state {name} is missing")
+            if have != want:
+                raise IntegrityError(
+                    f"version {rec.number}: rebuilt tensor {name} hashes to {have}, "
+                    f"the ledger records {want}"
+                )
+        return len(expected)
+
+    # -- snapshots ------------------------------------------------------------------
+    def snapshot_bytes(self) -> bytes:
+        """The current accumulators and method state as one safetensors blob, so that
+        a later :meth:`sync` can start from this version (see ``Staged.snapshot_bytes``
+        for a pending stage)."""
+        if self._staged is not None:
+            raise RuntimeError("a staged delta is pending: commit or discard it first")
+        if self.current_version is None:
+            raise RuntimeError("the runtime is not at a known version")
+        return self._snapshot(self.current_version)
+
+    def _snapshot(self, version: int) -> bytes:
+        tensors = {_ACC + n: t.detach().contiguous().cpu() for n, t in self._acc.items()}
+        for s in self.states:
+            for k, t in s.tensors().items():
+                tensors[s.prefix + k] = t.detach().to(torch.float32).contiguous().cpu()
+        # one metadata key: safetensors writes several keys in an arbitrary order,
+        # and the snapshot's bytes should be a function of the state alone
+        header = {"format": SNAPSHOT_FORMAT, "version": version, "params": sorted(self._acc)}
+        meta = {_SNAPSHOT_KEY: json.dumps(header, sort_keys=True)}
+        return st_save(tensors, metadata=meta)
+
+    def _load_snapshot(
+        self, rec: VersionRecord, store: ArtifactStore, same_state: Iterable[int]
+    ) -> dict[str, torch.Tensor]:
+        """Accumulators from ``rec``'s snapshot, which may have been taken at any
+        version in ``same_state`` (``rec`` and, through rollbacks, the versions it
+        equals)."""
+        if rec.snapshot_path is None:
+            raise ChainError(f"version {rec.number} has no snapshot")
+        blob = store.get(rec.snapshot_path, rec.snapshot_sha256)
+        try:
+            header = json.loads(_metadata(blob)[_SNAPSHOT_KEY])
+        except (KeyError, ValueError):
+            raise IntegrityError(
+                f"snapshot of version {rec.number} is not a memedit snapshot"
+            ) from None
+        if header.get("format") != SNAPSHOT_FORMAT:
+            raise IntegrityError(
+                f"snapshot of version {rec.number} has format {header.get('format')!r}"
+            )
+        if header.get("version") not in set(same_state):
+            raise IntegrityError(
+                f"snapshot stored for version {rec.number} is of version {header.get('version')}"
+            )
+        tensors = st_load(blob)
+        acc: dict[str, torch.Tensor] = {}
+        for name in header["params"]:
+            canon = self.canonical(name)
+            p = self._params[canon]
+            t = tensors[_ACC + name]
+            if tuple(t.shape) != tuple(p.shape) or t.dtype != torch.float32:
+                raise IntegrityError(f"snapshot tensor {name} does not fit the model")
+            acc[canon] = t.to(p.device)
+        for s in self.states:
+            s.load({k[len(s.prefix) :]: v for k, v in tensors.items() if k.startswith(s.prefix)})
+        return acc
+
+
+def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.detach().to(torch.float32).contiguous().to(device)
+
+
+def _metadata(blob: bytes) -> dict[str, Any]:
+    """safetensors ``__metadata__`` (8-byte little-endian header length, then JSON)."""
+    n = int.from_bytes(blob[:8], "little")
+    return dict(json.loads(blob[8 : 8 + n]).get("__metadata__") or {})
