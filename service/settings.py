@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     # torch device for workers: "cpu", "cuda", "cuda:1", "mps" ...
     device: str = "cpu"
     torch_threads: int | None = None
+    # compute the default layers' statistics when a worker starts (on the base weights)
+    warm_statistics: bool = True
     models: dict[str, ModelSpec] = Field(default_factory=_default_models)
     max_requests_per_edit: int = Field(64, ge=1)
     max_prompts_per_score: int = Field(256, ge=1)

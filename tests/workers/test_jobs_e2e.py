@@ -1,0 +1,282 @@
+"""End to end on a tiny model: HTTP API → ledger → Redis → SimpleWorker → runtime.
+
+The tiny LLaMA is saved to a local folder and loaded from there by the worker (the
+same ``from_pretrained`` path as a hub id). Everything else is real: PostgreSQL,
+Redis, rq, the editing methods, the artifact store.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq import Queue, SimpleWorker
+from sqlalchemy import Engine, select
+
+from service.api import create_app
+from service.db import session_scope
+from service.models import Artifact, Version
+from service.settings import ModelSpec, Settings
+from tests.tiny_models import tiny_model, word_tokenizer
+from tests.workers.test_editors import TINY_OVERRIDES
+from workers.worker import WorkerState, build_state, set_state
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "tiny"
+SUBJECTS = ["Mozart", "Picasso", "Einstein", "Curie", "Newton",
+            "Darwin", "Tolstoy", "Homer", "Dante", "Ada"]  # fmt: skip
+CITIES = ["Rome", "Berlin", "London", "Madrid", "Tokyo",
+          "Moscow", "Vienna", "Lisbon", "Athens", "Paris"]  # fmt: skip
+# small statistics suffice for a tiny model
+FAST = {"mom2_n_samples": 32, "mom2_sample_tokens": 16}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", seed=0).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def e2e_settings(settings: Settings, tiny_dir: Path, tmp_path: Path) -> Settings:
+    return settings.model_copy(
+        update={
+            "models": {MODEL: ModelSpec(source=str(tiny_dir), snapshot_every=3)},
+            "artifact_dir": tmp_path / "artifacts",
+            "cache_dir": tmp_path / "cache",
+            "warm_statistics": False,
+            "sync_timeout_s": 60.0,
+        }
+    )
+
+
+@pytest.fixture
+def client(e2e_settings: Settings, clean_db: Engine, redis_conn: Redis) -> Iterator[TestClient]:
+    with TestClient(create_app(e2e_settings)) as c:
+        yield c
+
+
+def start_worker(settings: Settings) -> WorkerState:
+    state = build_state(MODEL, settings)
+    set_state(state)
+    return state
+
+
+def drain(settings: Settings, redis: Redis) -> None:
+    """Run the model's queues until they are empty (what ``memedit worker`` does forever)."""
+    queues = [
+        Queue(settings.read_queue(MODEL), connection=redis),
+        Queue(settings.edit_queue(MODEL), connection=redis),
+    ]
+    SimpleWorker(queues, connection=redis).work(burst=True)
+
+
+def edit_body(n: int, method: str = "rome", **hparams: Any) -> dict[str, Any]:
+    return {
+        "method": method,
+        "hparams": {**TINY_OVERRIDES[method], **FAST, **hparams},
+        "requests": [
+            {
+                "prompt": "{} was born in",
+                "subject": SUBJECTS[i],
+                "target_new": CITIES[i],
+                "target_true": CITIES[(i + 1) % len(CITIES)],
+                "paraphrase_prompts": [f"{SUBJECTS[i]} lives in"],
+                "neighborhood_prompts": [f"{SUBJECTS[(i + 5) % len(SUBJECTS)]} was born in"],
+            }
+            for i in range(n)
+        ],
+    }
+
+
+def versions(client: TestClient) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params = {"limit": 100, **({"cursor": cursor} if cursor else {})}
+        page = client.get(f"/v1/models/{MODEL}/versions", params=params).json()
+        items += page["items"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return items
+
+
+def job(client: TestClient, job_id: str) -> dict[str, Any]:
+    return client.get(f"/v1/jobs/{job_id}").json()
+
+
+def test_sequential_rome_restart_and_rollback_are_exact(
+    client: TestClient, e2e_settings: Settings, redis_conn: Redis, db_engine: Engine
+) -> None:
+    state = start_worker(e2e_settings)
+    assert client.get("/v1/models").json()[0]["head_version"] == 0
+
+    # C₀ off: on a random 4-layer model the C₀-whitened rank-one direction barely
+    # reaches the bare prompt's key (the MEMIT test below uses the statistics)
+    accepted = client.post(f"/v1/models/{MODEL}/edits", json=edit_body(10, mom2_adjustment=False))
+    assert accepted.status_code == 202, accepted.text
+    job_id = accepted.json()["job_id"]
+    assert job(client, job_id)["status"] == "queued"
+    drain(e2e_settings, redis_conn)
+
+    done = job(client, job_id)
+    assert done["status"] == "succeeded", done
+    assert done["progress"] == 1.0
+    assert done["result"]["versions"] == list(range(1, 11))  # ROME: one version per edit
+    edits = client.get(f"/v1/models/{MODEL}/edits", params={"limit": 100}).json()["items"]
+    assert [e["status"] for e in edits] == ["applied"] * 10
+    assert [e["version"] for e in edits] == list(range(1, 11))
+    # each edit's metrics, measured right after it: on this random 4-layer model ten
+    # rank-one edits of one 32-wide layer interfere, so not every one wins outright
+    # (the quality tests check efficacy on SmolLM2)
+    took = [e["metrics"]["efficacy"] for e in edits]
+    assert all(t in (0.0, 1.0) for t in took) and {"pre_efficacy", "neighborhood"} <= set(
+        edits[0]["metrics"]
+    )
+    print("tiny-model ROME efficacy", took)
+    assert sum(took) >= 7, took
+
+    vs = versions(client)
+    assert [v["number"] for v in vs] == list(range(11))
+    assert [v["kind"] for v in vs] == ["base"] + ["edit"] * 10
+    for v in vs[1:]:
+        assert v["method"] == "rome" and v["update_norm"] > 0
+        assert list(v["drift"]) == ["model.layers.1.mlp.down_proj.weight"], v["drift"]
+    with session_scope(db_engine) as s:
+        snapped = s.scalars(
+            select(Version.number).where(Version.snapshot_artifact_id.is_not(None))
+        ).all()
+        assert sorted(snapped) == [3, 6, 9]
+        assert s.query(Artifact).count() == 10 + 3
+
+    # a worker that restarts rebuilds version 10 from the ledger, bit for bit
+    head_hashes = vs[10]["tensor_sha256"]
+    assert state.runtime.tensor_hashes(head_hashes) == head_hashes
+    restarted = start_worker(e2e_settings)
+    assert restarted.runtime.current_version == 10
+    assert restarted.runtime.tensor_hashes(head_hashes) == head_hashes
+
+    # rollback to any version reproduces its hashes, and marks later edits reverted
+    base = vs[0]["tensor_sha256"]
+    edited = sorted(head_hashes)
+    for target, expect_number in ((4, 11), (0, 12), (10, 13), (7, 14)):
+        r = client.post(f"/v1/models/{MODEL}/rollback", json={"to_version": target})
+        assert r.status_code == 202, r.text
+        drain(e2e_settings, redis_conn)
+        rb = job(client, r.json()["job_id"])
+        assert rb["status"] == "succeeded", rb
+        assert rb["result"]["versions"] == [expect_number]
+        new = versions(client)[-1]
+        assert new["kind"] == "rollback" and new["number"] == expect_number
+        assert new["parent_number"] == target
+        wanted = {k: (vs[target]["tensor_sha256"].get(k) or base[k]) for k in edited}
+        assert {k: new["tensor_sha256"][k] for k in edited} == wanted
+        assert restarted.runtime.tensor_hashes(edited) == wanted
+        if target == 0:
+            assert wanted == {k: base[k] for k in edited}
+    statuses = [
+        e["status"]
+        for e in client.get(f"/v1/models/{MODEL}/edits", params={"limit": 100}).json()["items"]
+    ]
+    # the last rollback went to version 7: edits 1-7 are on its chain, 8-10 are not
+    assert statuses == ["applied"] * 7 + ["reverted"] * 3
+
+    # and a third worker, started now, lands on the same bytes
+    third = start_worker(e2e_settings)
+    assert third.runtime.current_version == 14
+    assert third.runtime.tensor_hashes(edited) == restarted.runtime.tensor_hashes(edited)
+
+
+def test_memit_batch_is_one_version_and_reads_see_it(
+    client: TestClient, e2e_settings: Settings, redis_conn: Redis
+) -> None:
+    start_worker(e2e_settings)
+    r = client.post(f"/v1/models/{MODEL}/edits", json=edit_body(4, method="memit"))
+    assert r.status_code == 202, r.text
+    drain(e2e_settings, redis_conn)
+    done = job(client, r.json()["job_id"])
+    assert done["status"] == "succeeded", done
+    assert done["result"]["versions"] == [1]
+    assert len(done["result"]["metrics"]) == 4
+    vs = versions(client)
+    assert len(vs[1]["drift"]) > 1  # MEMIT spreads the update over several layers
+
+    # score and generate wait on the worker: serve them from another thread
+    answers: dict[str, Any] = {}
+
+    def ask() -> None:
+        answers["score"] = client.post(
+            f"/v1/models/{MODEL}/score",
+            json={
+                "prompts": ["Mozart was born in", "Mozart was born in"],
+                "targets": ["Rome", "Berlin"],
+            },  # fmt: skip
+        )
+        answers["generate"] = client.post(
+            f"/v1/models/{MODEL}/generate",
+            json={"prompt": "Mozart was born in", "max_new_tokens": 1},
+        )
+
+    t = threading.Thread(target=ask)
+    t.start()
+    deadline = time.monotonic() + 30
+    while t.is_alive() and time.monotonic() < deadline:
+        drain(e2e_settings, redis_conn)
+        time.sleep(0.05)
+    t.join(timeout=5)
+    score, gen = answers["score"], answers["generate"]
+    assert score.status_code == 200, score.text
+    assert gen.status_code == 200, gen.text
+    # the read path sees version 1: the same log-probs the edit job measured after it
+    first = client.get(f"/v1/models/{MODEL}/edits").json()["items"][0]
+    assert first["subject"] == "Mozart"
+    after = first["metrics"]["logprobs"]["rewrite"]
+    assert score.json()["version"] == 1
+    assert score.json()["logprobs"] == pytest.approx([after["new"][0], after["true"][0]], abs=1e-5)
+    assert gen.json()["version"] == 1 and isinstance(gen.json()["text"], str)
+
+
+def test_failed_edit_leaves_no_version_and_model_unchanged(
+    client: TestClient, e2e_settings: Settings, redis_conn: Redis
+) -> None:
+    state = start_worker(e2e_settings)
+    before = state.runtime.tensor_hashes()
+    r = client.post(f"/v1/models/{MODEL}/edits", json=edit_body(1, layers=[40]))
+    assert r.status_code == 202, r.text
+    drain(e2e_settings, redis_conn)
+    failed = job(client, r.json()["job_id"])
+    assert failed["status"] == "failed"
+    assert "40" in failed["error"]
+    (edit,) = client.get(f"/v1/models/{MODEL}/edits").json()["items"]
+    assert edit["status"] == "failed" and edit["reason"] == failed["error"]
+    assert [v["number"] for v in versions(client)] == [0]
+    assert state.runtime.tensor_hashes() == before
+
+
+def test_lost_queue_message_is_recovered_from_the_ledger(
+    client: TestClient, e2e_settings: Settings, redis_conn: Redis
+) -> None:
+    start_worker(e2e_settings)
+    r = client.post(f"/v1/models/{MODEL}/edits", json=edit_body(1))
+    assert r.status_code == 202
+    redis_conn.flushdb()  # Redis lost everything; the ledger still has the job
+    drain(e2e_settings, redis_conn)
+    assert job(client, r.json()["job_id"])["status"] == "queued"
+
+    state = start_worker(e2e_settings)
+    from workers.jobs import requeue_unfinished  # noqa: PLC0415
+
+    assert (
+        requeue_unfinished(state, Queue(e2e_settings.edit_queue(MODEL), connection=redis_conn)) == 1
+    )
+    drain(e2e_settings, redis_conn)
+    assert job(client, r.json()["job_id"])["status"] == "succeeded"
