@@ -1,5 +1,111 @@
-"""Tiny random-initialised causal LMs built from configs, for editor and runtime tests.
+"""Tiny random-initialised causal LMs and a word-level tokenizer, for editor and runtime tests.
 
-Each builds in milliseconds and shares a small tokenizer-free vocabulary, so tests
-feed token ids or use the character tokenizer in :mod:`tests.char_tokenizer`.
+Every model builds from its config in milliseconds (4 layers, width 32, vocabulary
+128) and shares the word-level tokenizer :func:`word_tokenizer`, a
+``PreTrainedTokenizerFast`` built in code (no download): words split on whitespace and
+punctuation, so ``" " + target`` is one token and prompt ids followed by target ids
+equal the ids of the joined text.
 """
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+VOCAB_SIZE = 128
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+
+# 3 special tokens + 125 words and punctuation marks = 128 ids
+_WORD_LIST = """
+    . , ? the a an of in on at to is was are be by with from for and or not it that this
+    city country capital language speaks speak located born lives works plays play team
+    river mountain tower bridge museum company founded president king queen writer actor
+    music piano guitar violin football tennis chess French English German Italian Spanish
+    Japanese Russian Paris Rome Berlin London Madrid Tokyo Moscow Vienna Lisbon Athens
+    Eiffel Colosseum Danube Alps Thames Toyota Nokia Apple Mozart Picasso Einstein Curie
+    Newton Darwin Tolstoy Homer Dante Tower Ada Alan John Mary Marie
+    Peter Anna He She They We You I The In Because Therefore official mother tongue
+    native home job field known famous made sells car phone computer physics painting
+"""
+WORDS: tuple[str, ...] = tuple(_WORD_LIST.split())
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over :data:`WORDS` (unknown words → ``<unk>``)."""
+    vocab = {tok: i for i, tok in enumerate((PAD, EOS, UNK, *WORDS))}
+    if len(vocab) != VOCAB_SIZE:
+        raise RuntimeError(f"tiny vocabulary has {len(vocab)} entries, expected {VOCAB_SIZE}")
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=EOS
+    )
+
+
+TINY_KINDS: tuple[str, ...] = ("gpt2", "gptj", "llama", "gpt_neox")
+
+# A larger initialisation than the default 0.02: with it a random model's logits are
+# nearly uniform and bounded (the final norm fixes the hidden state's scale), so no
+# edit could make one token the most likely by a clear margin.
+_IDS = dict(bos_token_id=1, eos_token_id=1, pad_token_id=0, initializer_range=0.3)
+
+
+def tiny_config(kind: str):
+    if kind == "gpt2":
+        return GPT2Config(
+            vocab_size=VOCAB_SIZE, n_positions=64, n_embd=32, n_layer=4, n_head=4, **_IDS
+        )
+    if kind == "gptj":
+        return GPTJConfig(
+            vocab_size=VOCAB_SIZE, n_positions=64, n_embd=32, n_layer=4, n_head=4, rotary_dim=4,
+            **_IDS,
+        )  # fmt: skip
+    if kind == "llama":
+        return LlamaConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **_IDS,
+        )  # fmt: skip
+    if kind == "gpt_neox":
+        return GPTNeoXConfig(
+            vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+            num_attention_heads=4, max_position_embeddings=64, **_IDS,
+        )  # fmt: skip
+    raise ValueError(f"unknown tiny model kind {kind!r}; known: {TINY_KINDS}")
+
+
+def tiny_model(kind: str, seed: int = 0) -> PreTrainedModel:
+    """A random-initialised model of ``kind`` in eval mode with gradients off, like
+    :func:`workers.models.loading.load_model` returns."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind))
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter and buffer, to check bit-identity later."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_tensors(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose values (bitwise, NaN-aware) or dtypes differ from ``before``."""
+    now = model.state_dict()
+    out = []
+    for k, v in before.items():
+        w = now[k]
+        if w.dtype != v.dtype or w.shape != v.shape or not torch.equal(w.view(-1), v.view(-1)):
+            out.append(k)
+    return out

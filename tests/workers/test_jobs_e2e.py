@@ -142,7 +142,6 @@ def test_sequential_rome_restart_and_rollback_are_exact(
     assert all(t in (0.0, 1.0) for t in took) and {"pre_efficacy", "neighborhood"} <= set(
         edits[0]["metrics"]
     )
-    print("tiny-model ROME efficacy", took)
     assert sum(took) >= 7, took
 
     vs = versions(client)
