@@ -32,6 +32,7 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 LogLevel = Annotated[str, typer.Option(help="Logging level.")]
@@ -82,7 +83,11 @@ class _Children:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "service.cli", *args], env=env)
+        # a session of their own: a terminal's Ctrl-C reaches only `up`, which then
+        # sends each child one SIGTERM (rq's warm shutdown: the running job may finish)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", *args], env=env, start_new_session=True
+        )
 
     def dead(self) -> list[tuple[str, int]]:
         return [(n, p.returncode) for n, p in self.procs.items() if p.poll() is not None]
@@ -136,7 +141,6 @@ def up(
     children = _Children()
     code = 0
     try:
-        assert services.database_url and services.redis_url  # set by start()
         upgrade_to_head(services.database_url)
         env = dict(os.environ)
         env["MEMEDIT_DATABASE_URL"] = services.database_url
@@ -149,7 +153,7 @@ def up(
         url = f"http://{host}:{port}"
         _wait_healthy(url, children)
         typer.echo(f"memedit is up at {url} (API docs at {url}/docs); Ctrl-C stops it")
-        _wait_worker_ready(url, model, children)
+        _wait_worker_ready(services.redis_url, settings.edit_queue(model), model, children)
         while not children.dead():
             time.sleep(0.5)
         for name, rc in children.dead():
@@ -158,6 +162,10 @@ def up(
     except (KeyboardInterrupt, _Stop):
         typer.echo("stopping memedit ...")
     finally:
+        # the stop below is bounded (children get 20 s, then SIGKILL); a second
+        # Ctrl-C or SIGTERM must not cut it short and leave servers behind
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         children.stop()
         services.stop()
     raise typer.Exit(code)
@@ -178,17 +186,20 @@ def _wait_healthy(url: str, children: _Children, timeout_s: float = 120.0) -> No
     raise RuntimeError(f"the API did not answer at {url}/healthz within {timeout_s:.0f} s")
 
 
-def _wait_worker_ready(url: str, model: str, children: _Children, timeout_s: float = 900.0) -> None:
-    """Tell the user when the worker has loaded the model (edits queue until then)."""
+def _wait_worker_ready(
+    redis_url: str, queue: str, model: str, children: _Children, timeout_s: float = 1800.0
+) -> None:
+    """Tell the user when a worker listens on the model's queue (edits sent earlier
+    wait in the queue; the first start also computes the layer statistics)."""
+    from redis import Redis  # noqa: PLC0415
+    from rq import Queue, Worker  # noqa: PLC0415
+
+    conn = Redis.from_url(redis_url)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not children.dead():
-        try:
-            models = httpx.get(f"{url}/v1/models", timeout=5.0).json()
-            if any(m["name"] == model and m.get("head_version") is not None for m in models):
-                typer.echo(f"worker for {model} is ready")
-                return
-        except (httpx.HTTPError, ValueError, KeyError, TypeError):
-            pass
+        if Worker.all(queue=Queue(queue, connection=conn)):
+            typer.echo(f"worker for {model} is ready")
+            return
         time.sleep(1.0)
 
 

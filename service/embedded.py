@@ -25,8 +25,8 @@ DATABASE_NAME = "memedit"
 @dataclass
 class EmbeddedServices:
     data_dir: Path
-    database_url: str | None = None
-    redis_url: str | None = None
+    database_url: str = ""
+    redis_url: str = ""
     _pg: Any = field(default=None, repr=False)
     _redis: Any = field(default=None, repr=False)
 
@@ -86,12 +86,14 @@ def _runtime_dir(data_dir: Path) -> Path:
 def start(data_dir: Path, *, database_url: str | None, redis_url: str | None) -> EmbeddedServices:
     """Start embedded servers for whichever of the two URLs is not given."""
     data_dir = data_dir.expanduser().resolve()
-    services = EmbeddedServices(data_dir=data_dir, database_url=database_url, redis_url=redis_url)
+    services = EmbeddedServices(
+        data_dir=data_dir, database_url=database_url or "", redis_url=redis_url or ""
+    )
     try:
-        if database_url is None:
+        if not database_url:
             services._pg, services.database_url = start_postgres(data_dir)
             log.info("embedded PostgreSQL in %s", data_dir / "postgres")
-        if redis_url is None:
+        if not redis_url:
             services._redis, services.redis_url = start_redis(data_dir)
             log.info("embedded Redis in %s", data_dir)
     except BaseException:

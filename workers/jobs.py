@@ -353,11 +353,18 @@ def stats_provider_for(
 def warm_statistics(state: WorkerState) -> None:
     """Compute (or load) the statistics every method's defaults need, before the
     model moves away from its base weights."""
+    last = [-1.0]
+
+    def report(fraction: float, message: str) -> None:
+        if fraction - last[0] >= 0.1 or fraction >= 1.0:
+            last[0] = fraction
+            log.info("statistics for %s: %.0f%% (%s)", state.name, 100 * fraction, message)
+
     for method in METHODS:
         hparams = resolve_hparams(state, method, None)
         if not getattr(hparams, "mom2_adjustment", False):
             continue
-        provide = stats_provider_for(state, hparams)
+        provide = stats_provider_for(state, hparams, report)
         profile = profile_for(state.runtime.model)
         provide(profile.mlp_out_param(hparams.layers[0]))
 
