@@ -360,13 +360,24 @@ def warm_statistics(state: WorkerState) -> None:
             last[0] = fraction
             log.info("statistics for %s: %.0f%% (%s)", state.name, 100 * fraction, message)
 
+    # one pass per corpus over the union of the layers the methods' defaults edit
+    wanted: dict[tuple[str, int, int], set[int]] = {}
     for method in METHODS:
-        hparams = resolve_hparams(state, method, None)
-        if not getattr(hparams, "mom2_adjustment", False):
-            continue
-        provide = stats_provider_for(state, hparams, report)
-        profile = profile_for(state.runtime.model)
-        provide(profile.mlp_out_param(hparams.layers[0]))
+        hp = resolve_hparams(state, method, None)
+        if getattr(hp, "mom2_adjustment", False):
+            key = (hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_sample_tokens)
+            wanted.setdefault(key, set()).update(hp.layers)
+    profile = profile_for(state.runtime.model)
+    for (corpus, n_samples, sample_tokens), layers in wanted.items():
+        _stats_cache(state).get_or_compute(
+            state.runtime.model,
+            state.runtime.tokenizer,
+            [profile.mlp_out_param(layer) for layer in sorted(layers)],
+            corpus,
+            n_samples,
+            sample_tokens,
+            progress=report,
+        )
 
 
 def _run_edit(state: WorkerState, job_id: str) -> dict[str, Any]:

@@ -16,16 +16,17 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
-from rq import Queue, SimpleWorker
+from rq import Queue
 from sqlalchemy import Engine, select
 
 from service.api import create_app
 from service.db import session_scope
 from service.models import Artifact, Version
 from service.settings import ModelSpec, Settings
+from tests import worker_harness as harness
 from tests.tiny_models import tiny_model, word_tokenizer
 from tests.workers.test_editors import TINY_OVERRIDES
-from workers.worker import WorkerState, build_state, set_state
+from workers.worker import WorkerState
 
 pytestmark = pytest.mark.e2e
 
@@ -66,18 +67,11 @@ def client(e2e_settings: Settings, clean_db: Engine, redis_conn: Redis) -> Itera
 
 
 def start_worker(settings: Settings) -> WorkerState:
-    state = build_state(MODEL, settings)
-    set_state(state)
-    return state
+    return harness.start_worker(MODEL, settings)
 
 
 def drain(settings: Settings, redis: Redis) -> None:
-    """Run the model's queues until they are empty (what ``memedit worker`` does forever)."""
-    queues = [
-        Queue(settings.read_queue(MODEL), connection=redis),
-        Queue(settings.edit_queue(MODEL), connection=redis),
-    ]
-    SimpleWorker(queues, connection=redis).work(burst=True)
+    harness.drain(MODEL, settings, redis)
 
 
 def edit_body(n: int, method: str = "rome", **hparams: Any) -> dict[str, Any]:
@@ -99,19 +93,10 @@ def edit_body(n: int, method: str = "rome", **hparams: Any) -> dict[str, Any]:
 
 
 def versions(client: TestClient) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params = {"limit": 100, **({"cursor": cursor} if cursor else {})}
-        page = client.get(f"/v1/models/{MODEL}/versions", params=params).json()
-        items += page["items"]
-        cursor = page["next_cursor"]
-        if not cursor:
-            return items
+    return harness.all_versions(client, MODEL)
 
 
-def job(client: TestClient, job_id: str) -> dict[str, Any]:
-    return client.get(f"/v1/jobs/{job_id}").json()
+job = harness.job
 
 
 def test_sequential_rome_restart_and_rollback_are_exact(

