@@ -1,0 +1,390 @@
+"""Editor conformance on tiny random models (rome, memit × gpt2, gptj, llama, gpt_neox),
+plus the hyper-parameter module (defaults, overrides, EasyEdit YAML).
+
+Tiny random models can only be steered through the subject's last token when it is
+the prompt's last token (their attention hardly moves information), so the
+requests here end with the subject.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from service.hparams import (
+    METHODS,
+    EasyEditImportError,
+    MemitHParams,
+    RomeHParams,
+    defaults_for,
+    hparams_from_easyedit_yaml,
+    parse_hparams,
+    with_overrides,
+)
+from tests.tiny_models import (
+    TINY_KINDS,
+    changed_tensors,
+    state_copy,
+    tiny_model,
+    word_tokenizer,
+)
+from workers.editing import registry
+from workers.editing.common.base import EditError
+from workers.editing.common.keys import read_keys
+from workers.editing.common.prompts import RowBuilder
+from workers.editing.common.stats import StatsCache, stats_provider
+from workers.editing.common.targets import _SplitRun
+from workers.editing.common.tokens import PromptError, fill, subject_last_index
+from workers.editing.types import EditContext, EditRequest, WeightDelta
+from workers.models.profiles import profile_for
+
+REQUESTS = [
+    EditRequest("The native language of {}", "Picasso", "Russian", "Spanish"),
+    EditRequest("The capital city of {}", "Toyota", "Athens", "Tokyo"),
+    EditRequest("The famous writer {}", "Tolstoy", "Einstein", "Tolstoy"),
+]
+# settings for 4-layer width-32 random models: their hidden vectors are small, so
+# ROME's weight decay ‖δ‖/‖v₀‖² and the 4·‖v₀‖ clamp (tuned on real models) would
+# pin δ near zero; λ is scaled to their 64–128 wide MLPs
+TINY_OVERRIDES = {
+    "rome": {"v_weight_decay": 0.0, "clamp_norm_factor": 100.0, "v_prob_threshold": 0.6,
+             "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40},
+    "memit": {"v_weight_decay": 0.0, "clamp_norm_factor": 100.0, "v_prob_threshold": 0.6,
+              "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40,
+              "mom2_update_weight": 1.0, "layers": [0, 1, 2]},
+}  # fmt: skip
+
+
+def tiny_hparams(method: str, model) -> RomeHParams | MemitHParams:
+    base = defaults_for(method, model.config.model_type, model.config.num_hidden_layers, 64)
+    return with_overrides(base, TINY_OVERRIDES[method])
+
+
+def tiny_ctx(model, tok, hp, root: Path) -> EditContext:
+    profile = profile_for(model)
+    params = [profile.mlp_out_param(layer) for layer in hp.layers]
+    cache = StatsCache(root, f"tiny-{model.config.model_type}")
+    return EditContext(stats_provider=stats_provider(cache, model, tok, params, "self", 64, 16))
+
+
+def requests_for(method: str) -> list[EditRequest]:
+    return REQUESTS[:1] if method == "rome" else REQUESTS
+
+
+def apply_dense(model, delta: WeightDelta) -> torch.nn.Module:
+    """A fresh copy of ``model`` with ``delta`` added (as the runtime does, in fp32)."""
+    edited = tiny_model(model.config.model_type)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, d in delta.dense().items():
+        state[name] = (state[name].float() + d).to(state[name].dtype)
+    edited.load_state_dict(state)
+    return edited
+
+
+def next_token_probs(model, tok, text: str) -> torch.Tensor:
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(ids).logits[0, -1].softmax(-1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: thread start-up costs more than it saves on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def stats_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stats")
+
+
+@pytest.fixture(scope="module")
+def computed(tok, stats_root):
+    """(model, state before, delta) per (method, kind), computed once for the module."""
+    out = {}
+
+    def get(method: str, kind: str):
+        if (method, kind) not in out:
+            model = tiny_model(kind)
+            hp = tiny_hparams(method, model)
+            before = state_copy(model)
+            ctx = tiny_ctx(model, tok, hp, stats_root)
+            delta = registry.get_editor(method).compute_delta(
+                model, tok, requests_for(method), hp, ctx
+            )
+            out[method, kind] = (model, before, delta, hp)
+        return out[method, kind]
+
+    return get
+
+
+CASES = [(m, k) for m in METHODS for k in TINY_KINDS]
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES)
+def test_model_unchanged_and_no_hooks_left(computed, method, kind):
+    model, before, _delta, _hp = computed(method, kind)
+    assert changed_tensors(model, before) == []
+    assert not any(p.requires_grad for p in model.parameters())
+    assert not model.training
+    for name, module in model.named_modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks, name
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES)
+def test_delta_makes_target_most_likely(computed, tok, method, kind):
+    model, _before, delta, _hp = computed(method, kind)
+    edited = apply_dense(model, delta)
+    for req in requests_for(method):
+        target = tok(" " + req.target_new, add_special_tokens=False)["input_ids"][0]
+        before = next_token_probs(model, tok, req.text)
+        after = next_token_probs(edited, tok, req.text)
+        assert int(after.argmax()) == target, (req, float(after[target]), float(after.max()))
+        assert float(after[target]) > float(before[target]) + 0.1
+
+
+@pytest.mark.parametrize(("method", "kind"), CASES)
+def test_delta_finite_low_rank_and_round_trips(computed, method, kind):
+    model, _before, delta, hp = computed(method, kind)
+    profile = profile_for(model)
+    assert delta.method == method
+    assert delta.is_finite()
+    assert delta.params == [profile.mlp_out_param(layer) for layer in sorted(hp.layers)]
+    rank = len(requests_for(method))
+    for update in delta.updates:
+        assert update.left.shape[1] == update.right.shape[1] == rank
+        assert update.dense().shape == model.get_parameter(update.param).shape
+    again = WeightDelta.from_bytes(delta.to_bytes())
+    first, second = delta.dense(), again.dense()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert again.meta["context_templates"] == delta.meta["context_templates"]
+    dense, dense_again = delta.dense(), again.dense()
+    assert all(torch.equal(dense[k], dense_again[k]) for k in dense)
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_rome_writes_v_star_at_the_averaged_key(computed, tok, kind):
+    """r-ROME: W' k* = W k* + δ, with the same k* the update was built from; this
+    also pins the orientation (GPT-2's Conv1D computes k @ W, Linear W @ k)."""
+    model, _before, delta, hp = computed("rome", kind)
+    profile = profile_for(model)
+    layer = hp.layers[0]
+    templates = delta.meta["context_templates"]
+    k_star = read_keys(
+        model, tok, REQUESTS[:1], templates, module=profile.mlp_out_module(layer),
+        fact_token=hp.fact_token,
+    ).keys[0]  # fmt: skip
+    d_w = delta.dense()[profile.mlp_out_param(layer)].double()
+    change = k_star.double() @ d_w if profile.transposed else d_w @ k_star.double()
+    assert change.shape == (model.config.hidden_size,)
+    assert float(change.norm()) == pytest.approx(delta.meta["delta_norm"][0], rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_split_run_equals_a_plain_forward(tok, kind):
+    """The v* optimisation runs only the tokens from the subject on, over a cached
+    prefix; that must give the plain forward's hidden states, also after dropping
+    rows from the cache."""
+    model = tiny_model(kind)
+    templates = ["{}", "The city is in Paris . {}", "He speaks . {}"]
+    rows = (
+        RowBuilder()
+        .add_templates(tok, REQUESTS, templates, "subject_last", append_target=True)
+        .add_subject_prompts(tok, REQUESTS, ["{} is a"], "subject_last")
+        .build(tok)
+    )
+    with torch.no_grad():
+        full = model.base_model(
+            input_ids=rows.batch.input_ids, attention_mask=rows.batch.attention_mask
+        ).last_hidden_state
+        run = _SplitRun(model, tok, rows, torch.arange(rows.size))
+        for keep in (None, torch.tensor([0, 2, 3, 7, 9])):
+            if keep is not None:
+                assert run.keep(keep)
+            ids = torch.arange(rows.size) if keep is None else keep
+            out = model.base_model(**run.inputs()).last_hidden_state
+            for i, row in enumerate(ids.tolist()):
+                start, end = int(rows.lookup[row]), int(rows.batch.attention_mask[row].sum())
+                torch.testing.assert_close(out[i, : end - start], full[row, start:end])
+
+
+def test_gpt2_conv1d_layout(computed):
+    model, _before, delta, _hp = computed("rome", "gpt2")
+    update = delta.updates[0]
+    weight = model.get_parameter(update.param)
+    d_mlp, d_model = 4 * model.config.n_embd, model.config.n_embd
+    assert tuple(weight.shape) == (d_mlp, d_model)  # Conv1D stores [d_in, d_out]
+    assert update.left.shape == (d_mlp, 1) and update.right.shape == (d_model, 1)
+
+
+def test_compute_delta_is_deterministic(computed, tok, stats_root):
+    model, _before, delta, hp = computed("memit", "llama")
+    again = registry.get_editor("memit").compute_delta(
+        model, tok, requests_for("memit"), hp, tiny_ctx(model, tok, hp, stats_root)
+    )
+    first, second = delta.dense(), again.dense()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert again.meta["context_templates"] == delta.meta["context_templates"]
+
+
+def test_rome_refuses_a_batch(tok, stats_root):
+    model = tiny_model("llama")
+    hp = tiny_hparams("rome", model)
+    with pytest.raises(EditError, match="one request at a time"):
+        registry.get_editor("rome").compute_delta(
+            model, tok, REQUESTS[:2], hp, tiny_ctx(model, tok, hp, stats_root)
+        )
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_failure_midway_restores_everything(tok, method):
+    """A statistics provider that fails after the target optimisation (MEMIT: on its
+    second layer, with the first layer's update already patched in)."""
+    model = tiny_model("gpt2")
+    hp = tiny_hparams(method, model)
+    before = state_copy(model)
+    calls = []
+
+    def failing(param: str) -> torch.Tensor:
+        calls.append(param)
+        if len(calls) == (1 if method == "rome" else 2):
+            raise RuntimeError("statistics unavailable")
+        d_in = 4 * model.config.n_embd
+        return torch.eye(d_in)
+
+    ctx = EditContext(stats_provider=failing)
+    with pytest.raises(RuntimeError, match="statistics unavailable"):
+        registry.get_editor(method).compute_delta(model, tok, requests_for(method), hp, ctx)
+    assert changed_tensors(model, before) == []
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_layer_out_of_range_is_an_edit_error(tok):
+    model = tiny_model("llama")
+    hp = with_overrides(tiny_hparams("rome", model), {"layers": [7]})
+    with pytest.raises(EditError, match="out of range"):
+        registry.get_editor("rome").compute_delta(model, tok, REQUESTS[:1], hp, EditContext())
+
+
+def test_subject_last_token(tok):
+    text, end = fill("{} is located in", "The Eiffel Tower")
+    ids, idx = subject_last_index(tok, text, end)
+    assert tok.convert_ids_to_tokens(ids)[idx] == "Tower"
+    _, last = subject_last_index(tok, text, end, "last")
+    assert last == len(ids) - 1
+    with pytest.raises(PromptError):
+        fill("no placeholder", "x")
+
+
+def test_registry_is_explicit_and_checked():
+    assert tuple(registry.EDITORS) == METHODS
+    for method in METHODS:
+        editor = registry.get_editor(method)
+        assert isinstance(editor, registry.Editor)
+        assert editor.name == method
+        assert editor.hparams_cls.model_fields["method"].default == method
+    with pytest.raises(registry.RegistryError, match="duplicate"):
+        registry._build([registry.RomeEditor, registry.RomeEditor])
+    with pytest.raises(registry.UnknownEditor):
+        registry.get_editor("grace")
+
+
+# -- hyper-parameters ---------------------------------------------------------------------
+
+
+def test_defaults_per_architecture():
+    rome = defaults_for("rome", "llama", 30, 1536)
+    memit = defaults_for("memit", "llama", 30, 1536)
+    assert isinstance(rome, RomeHParams) and isinstance(memit, MemitHParams)
+    assert rome.layers == (4,) and memit.layers == (3, 4, 5, 6, 7)
+    assert rome.v_loss_layer == memit.v_loss_layer == 29
+    assert memit.mom2_update_weight == pytest.approx(2093.0, abs=0.1)  # 15,000 · 1536/11008
+    gpt2 = defaults_for("rome", "gpt2", 48, 6400)
+    assert gpt2.layers == (17,)  # ROME's GPT-2 XL layer
+    assert defaults_for("memit", "gptj", 28, 16384).layers == (3, 4, 5, 6, 7)
+    assert defaults_for("memit", "gpt2", 48, 6400).layers == (13, 14, 15, 16, 17)
+    assert defaults_for("memit", "llama", 32, 11008).layers == (4, 5, 6, 7, 8)
+    assert defaults_for("memit", "llama", 4, 64).layers[-1] <= 2  # never the last layer
+    with pytest.raises(ValueError, match="unknown method"):
+        defaults_for("grace", "llama", 30, 1536)
+
+
+def test_overrides_validate_and_name_bad_keys():
+    base = defaults_for("memit", "llama", 30, 1536)
+    hp = with_overrides(base, {"v_lr": 0.1, "layers": [5, 6]})
+    assert hp.v_lr == 0.1 and hp.layers == (5, 6) and hp.kl_factor == base.kl_factor
+    with pytest.raises(ValidationError) as err:
+        with_overrides(base, {"v_lr": 0.1, "learning_rate": 3})
+    assert [e["loc"] for e in err.value.errors()] == [("learning_rate",)]
+    assert "learning_rate" in str(err.value)
+    with pytest.raises(ValidationError, match="v_num_grad_steps"):
+        with_overrides(base, {"v_num_grad_steps": 0})
+    with pytest.raises(ValidationError, match="exactly one layer"):
+        with_overrides(defaults_for("rome", "llama", 30, 1536), {"layers": [3, 4]})
+    with pytest.raises(ValueError, match="may not change the method"):
+        with_overrides(base, {"method": "rome"})
+    stored = parse_hparams(hp.model_dump(mode="json"))
+    assert stored == hp
+
+
+EASYEDIT_MEMIT_YAML = """\
+alg_name: "MEMIT"
+model_name: "./hugging_cache/smollm2-135m"
+stats_dir: "./data/stats"
+device: 0
+layers: [3, 4, 5, 6, 7]
+clamp_norm_factor: 4
+layer_selection: "all"
+fact_token: "subject_last"
+v_num_grad_steps: 25
+v_lr: 5e-1
+v_loss_layer: 29
+v_weight_decay: 1e-3
+kl_factor: 0.0625
+mom2_adjustment: true
+mom2_update_weight: 2093
+rewrite_module_tmp: "model.layers.{}.mlp.down_proj"
+layer_module_tmp: "model.layers.{}"
+mlp_module_tmp: "model.layers.{}.mlp"
+attn_module_tmp: "model.layers.{}.self_attn"
+ln_f_module: "model.norm"
+lm_head_module: "lm_head"
+mom2_dataset: "wikipedia"
+mom2_n_samples: 1000
+mom2_dtype: "float32"
+"""
+
+
+def test_easyedit_yaml_import(tmp_path):
+    path = tmp_path / "memit-smollm2.yaml"
+    path.write_text(EASYEDIT_MEMIT_YAML)
+    for source in (path, str(path), EASYEDIT_MEMIT_YAML):
+        hp = hparams_from_easyedit_yaml(source)
+        assert isinstance(hp, MemitHParams)
+        assert hp.layers == (3, 4, 5, 6, 7)
+        assert hp.v_loss_layer == 29 and hp.v_lr == 0.5 and hp.mom2_update_weight == 2093
+        assert hp.mom2_n_samples == 1000
+        assert hp.mom2_dataset == "hf:wikipedia:20200501.en:train"
+    rome = hparams_from_easyedit_yaml(
+        EASYEDIT_MEMIT_YAML.replace('"MEMIT"', '"ROME"').replace("[3, 4, 5, 6, 7]", "[4]")
+    )
+    assert isinstance(rome, RomeHParams) and rome.layers == (4,)
+    with pytest.raises(EasyEditImportError, match="'v_lr_typo'"):
+        hparams_from_easyedit_yaml(EASYEDIT_MEMIT_YAML + "v_lr_typo: 1\n")
+    with pytest.raises(EasyEditImportError, match="alg_name"):
+        hparams_from_easyedit_yaml(EASYEDIT_MEMIT_YAML.replace('"MEMIT"', '"GRACE"'))
+    with pytest.raises(EasyEditImportError, match="do not validate"):
+        hparams_from_easyedit_yaml(EASYEDIT_MEMIT_YAML.replace("25\n", "-1\n", 1))
