@@ -10,8 +10,6 @@ so that rq records it too. A job whose ledger row is already finished does nothi
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +43,7 @@ from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest, WeightDelta
 from workers.evaluation.scoring import counterfact_scores, target_logprobs
 from workers.evaluation.scoring import generate as greedy_generate
+from workers.models.loading import weights_fingerprint
 from workers.models.profiles import profile_for
 from workers.runtime import IntegrityError, VersionRecord
 from workers.worker import WorkerState, current_state
@@ -317,12 +316,13 @@ def _d_mlp(model: Any) -> int:
     return int(shape[0] if profile.transposed else shape[1])
 
 
-def _stats_cache(state: WorkerState) -> StatsCache:
+def stats_cache(state: WorkerState) -> StatsCache:
     cache = state.cache.get("stats_cache")
     if cache is None:
-        fingerprint = hashlib.sha256(
-            json.dumps(state.runtime.base_hashes(), sort_keys=True).encode()
-        ).hexdigest()[:16]
+        # on the base weights: the worker builds this before it syncs to the head
+        fingerprint = state.cache.setdefault(
+            "base_fingerprint", weights_fingerprint(state.runtime.model)
+        )
         cache = StatsCache(state.settings.effective_cache_dir / "stats", fingerprint)
         state.cache["stats_cache"] = cache
     return cache
@@ -339,7 +339,7 @@ def stats_provider_for(
     rt = state.runtime
     profile = profile_for(rt.model)
     return stats_provider(
-        _stats_cache(state),
+        stats_cache(state),
         rt.model,
         rt.tokenizer,
         [profile.mlp_out_param(layer) for layer in hparams.layers],
@@ -369,7 +369,7 @@ def warm_statistics(state: WorkerState) -> None:
             wanted.setdefault(key, set()).update(hp.layers)
     profile = profile_for(state.runtime.model)
     for (corpus, n_samples, sample_tokens), layers in wanted.items():
-        _stats_cache(state).get_or_compute(
+        stats_cache(state).get_or_compute(
             state.runtime.model,
             state.runtime.tokenizer,
             [profile.mlp_out_param(layer) for layer in sorted(layers)],

@@ -83,6 +83,7 @@ def build_state(name: str, settings: Settings | None = None) -> WorkerState:
         name=name, spec=spec, settings=settings, runtime=runtime, store=store, model_id=-1
     )
     state.model_id = jobs.register_model(state)
+    jobs.stats_cache(state)  # keyed by the base weights' fingerprint: take it before syncing
     if settings.warm_statistics:
         jobs.warm_statistics(state)  # on the base weights, before syncing to the head
     jobs.sync_to_head(state)

@@ -28,7 +28,7 @@ from workers.editing.common.stats import StatsCache, stats_provider
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest, WeightDelta
 from workers.evaluation.scoring import counterfact_scores
-from workers.models.loading import ModelSourceError, load_model
+from workers.models.loading import ModelSourceError, load_model, weights_fingerprint
 from workers.models.profiles import profile_for
 
 pytestmark = pytest.mark.quality
@@ -131,7 +131,7 @@ def setup(report):
         for h in hparams.values()
     ):
         pytest.fail("ROME and MEMIT defaults should share one statistics corpus")
-    cache = StatsCache(cache_dir / "stats", Path(loaded.resolved).name)
+    cache = StatsCache(cache_dir / "stats", weights_fingerprint(model))
     provider = stats_provider(
         cache, model, tok, params, hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_sample_tokens
     )

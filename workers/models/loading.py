@@ -123,6 +123,18 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tok, source=source, resolved=resolved)
 
 
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short name for a model's exact weights: sha256 over every parameter's name,
+    dtype, shape and bytes. Caches of derived data (layer statistics) are keyed by
+    it, so they follow the weights, not the path they were loaded from."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        t = p.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
 def _save_atomically(model: PreTrainedModel, tok: PreTrainedTokenizerBase, folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
