@@ -167,3 +167,22 @@ def settings(
         db.get_engine(url).dispose()
     get_settings.cache_clear()
     db.get_engine.cache_clear()
+
+
+# -- measurements printed at the end of the run -----------------------------------------
+
+_MEASUREMENTS: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def measurements() -> list[str]:
+    """Lines a test wants in the run's output whatever the capture mode (quality
+    scores, timings): printed in a section of their own after the results."""
+    return _MEASUREMENTS
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _MEASUREMENTS:
+        terminalreporter.section("measurements")
+        for line in _MEASUREMENTS:
+            terminalreporter.write_line(line)

@@ -272,6 +272,19 @@ def test_failure_midway_restores_everything(tok, method):
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
+def test_earlier_loss_layer_reads_through_the_final_norm(tok, stats_root):
+    """``v_loss_layer`` below the last layer: the loss reads that block's output
+    through the final norm and LM head (logit lens); the edit still lands there."""
+    model = tiny_model("llama")
+    hp = with_overrides(tiny_hparams("rome", model), {"v_loss_layer": 2})
+    before = state_copy(model)
+    delta = registry.get_editor("rome").compute_delta(
+        model, tok, REQUESTS[:1], hp, tiny_ctx(model, tok, hp, stats_root)
+    )
+    assert changed_tensors(model, before) == []
+    assert delta.is_finite() and delta.meta["v_target_prob"][0] > 0.3
+
+
 def test_layer_out_of_range_is_an_edit_error(tok):
     model = tiny_model("llama")
     hp = with_overrides(tiny_hparams("rome", model), {"layers": [7]})
