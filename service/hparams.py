@@ -68,7 +68,7 @@ class _EditHParams(BaseModel):
         description="'self' (text the model samples), 'hf:<name>[:<config>[:<split>]]' "
         "or 'file:<path>' (local text files)",
     )
-    mom2_n_samples: int = Field(256, ge=1, description="sequences in the statistics corpus")
+    mom2_n_samples: int = Field(512, ge=1, description="sequences in the statistics corpus")
     mom2_sample_tokens: int = Field(64, ge=2, le=4096, description="tokens per sequence")
 
     @model_validator(mode="after")
