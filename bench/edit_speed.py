@@ -9,7 +9,8 @@ edit call: no model load, no statistics, no evaluation); statistics are timed
 separately from an empty cache. Records: the first CounterFact dev records that the
 probe marks as known (``../shared/data``). Every run also scores the edits it made
 (efficacy on the rewrite prompt, each edit applied alone or as its batch to the
-unedited model) so that speed is reported at a known quality.
+unedited model) so that speed is reported at a known quality; the first 50 records
+are also scored unedited (the ``unedited`` configuration).
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ DATA = Path(os.environ.get("MEMEDIT_SHARED_DATA", REPO.parent / "shared" / "data
 CACHE = Path(os.environ.get("MEMEDIT_CACHE_DIR", REPO / ".memedit" / "cache"))
 
 # (name, method, batch size, batches)
+# ROME on the first 50 known records and MEMIT's first batch of 50 are the issue's
+# quality benchmark on 50 records (efficacy/paraphrase/neighbourhood, each edit or
+# batch applied to the unedited model).
 CONFIGS = [
-    ("rome", "rome", 1, 10),
+    ("rome", "rome", 1, 50),
     ("memit-b1", "memit", 1, 10),
-    ("memit-b10", "memit", 10, 3),
+    ("memit-b10", "memit", 10, 5),
     ("memit-b50", "memit", 50, 2),
 ]
+QUALITY_RECORDS = 50
 
 
 def known_records(n: int) -> list[dict[str, Any]]:
@@ -78,7 +83,11 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
     profile = profile_for(model)
     result: dict[str, Any] = {"name": name, "threads": threads}
 
-    if name == "stats":
+    if name == "unedited":
+        scores = [counterfact_scores(model, tok, _request(EditRequest, r))
+                  for r in known_records(QUALITY_RECORDS)]  # fmt: skip
+        result.update(_means(scores), edits=len(scores))
+    elif name == "stats":
         # all layers the defaults of both methods need, from an empty cache
         hp = defaults_for("memit", cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
         layers = sorted(set(hp.layers) | set(defaults_for("rome", cfg.model_type,
@@ -107,14 +116,15 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
         warm = records.pop()
         editor.compute_delta(model, tok, [_request(EditRequest, warm)], hp, ctx)
         per_edit: list[float] = []
-        efficacy: list[float] = []
+        scores: list[dict[str, Any]] = []
         for b in range(batches):
             reqs = [_request(EditRequest, r) for r in records[b * batch : (b + 1) * batch]]
             t0 = time.perf_counter()
             delta = editor.compute_delta(model, tok, reqs, hp, ctx)
             per_edit.append((time.perf_counter() - t0) / batch)
             staged = runtime.stage(delta)
-            efficacy += [counterfact_scores(model, tok, r)["efficacy"] for r in reqs]
+            if b * batch < QUALITY_RECORDS:
+                scores += [counterfact_scores(model, tok, r) for r in reqs]
             runtime.discard(staged)
         result.update(
             method=method,
@@ -123,10 +133,18 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
             edits=batch * batches,
             seconds_per_edit=per_edit,
             median_s_per_edit=statistics.median(per_edit),
-            efficacy=sum(efficacy) / len(efficacy),
+            scored=len(scores),
+            **_means(scores),
         )
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
     return result
+
+
+def _means(scores: list[dict[str, Any]]) -> dict[str, float]:
+    return {
+        key: sum(s[key] for s in scores) / len(scores)
+        for key in ("efficacy", "paraphrase", "neighborhood")
+    }
 
 
 def _request(cls, rec: dict[str, Any]):
@@ -143,20 +161,26 @@ def _request(cls, rec: dict[str, Any]):
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| run | threads | edits timed | median s/edit | efficacy | peak RSS |",
-        "|---|---|---|---|---|---|",
+        "| run | threads | edits timed | median s/edit | edits scored | ES | PS | NS | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        if r["name"] == "stats":
+        if r["name"] == "unedited":
+            lines.append(
+                f"| unedited | {r['threads']} | – | – | {r['edits']} | {r['efficacy']:.3f} "
+                f"| {r['paraphrase']:.3f} | {r['neighborhood']:.3f} | {r['peak_rss_gb']:.2f} GB |"
+            )
+        elif r["name"] == "stats":
             lines.append(
                 f"| statistics, layers {r['layers']} ({r['n_samples']}×{r['sample_tokens']} "
-                f"tokens, from nothing) | {r['threads']} | – | {r['seconds']:.1f} s total | – "
-                f"| {r['peak_rss_gb']:.2f} GB |"
+                f"tokens, from nothing) | {r['threads']} | – | {r['seconds']:.1f} s total | – | – "
+                f"| – | – | {r['peak_rss_gb']:.2f} GB |"
             )
         else:
             lines.append(
                 f"| {r['method'].upper()} batch {r['batch']} ×{r['batches']} | {r['threads']} "
-                f"| {r['edits']} | {r['median_s_per_edit']:.2f} | {r['efficacy']:.2f} "
+                f"| {r['edits']} | {r['median_s_per_edit']:.2f} | {r['scored']} "
+                f"| {r['efficacy']:.3f} | {r['paraphrase']:.3f} | {r['neighborhood']:.3f} "
                 f"| {r['peak_rss_gb']:.2f} GB |"
             )
     return "\n".join(lines)
@@ -165,7 +189,7 @@ def table(results: list[dict[str, Any]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--configs", nargs="+", default=["stats"] + [c[0] for c in CONFIGS])
+    ap.add_argument("--configs", nargs="+", default=["stats", "unedited"] + [c[0] for c in CONFIGS])
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "edit_speed.json")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--stats-dir", type=Path, help=argparse.SUPPRESS)

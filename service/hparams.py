@@ -28,26 +28,46 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 log = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("rome", "memit")
-
 # LLaMA-7B's MLP width and MEMIT λ (zjunlp/EasyEdit hparams/MEMIT/llama-7b.yaml)
 _REF_D_MLP = 11008
 _REF_LAMBDA = 15000.0
 
 
-class _EditHParams(BaseModel):
-    """Knobs shared by the locate-then-edit methods (ROME, MEMIT)."""
+class MethodHParams(BaseModel):
+    """Base of every method's hyper-parameters: frozen, unknown keys rejected.
+
+    A subclass sets ``method: Literal["<id>"] = "<id>"`` and implements
+    :meth:`defaults` (its per-architecture defaults, sources cited).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     layers: tuple[int, ...] = Field(min_length=1, description="edited layers (0-based)")
+
+    @classmethod
+    def defaults(cls, model_type: str, num_layers: int, d_mlp: int) -> Self:
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> Self:
+        if any(layer < 0 for layer in self.layers):
+            raise ValueError("layers must be non-negative")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers must be distinct")
+        return self
+
+
+class _EditHParams(MethodHParams):
+    """Knobs shared by the locate-then-edit methods (ROME, MEMIT, …): a target vector
+    v* optimised per request (ROME eq. 4) and key statistics C."""
+
     fact_token: Literal["subject_last", "last"] = "subject_last"
     # v* optimisation (ROME eq. 4 / MEMIT eq. 16)
     v_num_grad_steps: int = Field(25, ge=1, le=1000)
@@ -72,11 +92,7 @@ class _EditHParams(BaseModel):
     mom2_sample_tokens: int = Field(64, ge=2, le=4096, description="tokens per sequence")
 
     @model_validator(mode="after")
-    def _check(self) -> _EditHParams:
-        if any(layer < 0 for layer in self.layers):
-            raise ValueError("layers must be non-negative")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError("layers must be distinct")
+    def _check(self) -> Self:
         for pair in self.context_template_length_params:
             if pair[0] < 1 or pair[1] < 0:
                 raise ValueError("context_template_length_params: [length ≥ 1, count ≥ 0]")
@@ -89,10 +105,14 @@ class RomeHParams(_EditHParams):
     method: Literal["rome"] = "rome"
 
     @model_validator(mode="after")
-    def _one_layer(self) -> RomeHParams:
+    def _one_layer(self) -> Self:
         if len(self.layers) != 1:
             raise ValueError("ROME edits exactly one layer")
         return self
+
+    @classmethod
+    def defaults(cls, model_type: str, num_layers: int, d_mlp: int) -> Self:
+        return cls(layers=(causal_layer(model_type, num_layers),), v_loss_layer=num_layers - 1)
 
 
 class MemitHParams(_EditHParams):
@@ -101,17 +121,29 @@ class MemitHParams(_EditHParams):
     method: Literal["memit"] = "memit"
     mom2_update_weight: float = Field(2093.0, gt=0, description="λ in (λC + KKᵀ)⁻¹")
 
+    @classmethod
+    def defaults(cls, model_type: str, num_layers: int, d_mlp: int) -> Self:
+        return cls(
+            layers=layer_window(model_type, num_layers),
+            v_loss_layer=num_layers - 1,
+            mom2_update_weight=scaled_lambda(d_mlp),
+        )
 
-HParams = Annotated[RomeHParams | MemitHParams, Field(discriminator="method")]
-_ADAPTER: TypeAdapter[RomeHParams | MemitHParams] = TypeAdapter(HParams)
-HPARAMS_CLASSES: dict[str, type[_EditHParams]] = {"rome": RomeHParams, "memit": MemitHParams}
+
+# every method's hparams class, in the order of METHODS; adding a method adds its
+# class here (and its editor to workers/editing/registry.py)
+_CLASSES: tuple[type[MethodHParams], ...] = (RomeHParams, MemitHParams)
+METHODS = tuple(cls.model_fields["method"].default for cls in _CLASSES)
+HPARAMS_CLASSES: dict[str, type[MethodHParams]] = dict(zip(METHODS, _CLASSES, strict=True))
+HParams = Annotated[Union[_CLASSES], Field(discriminator="method")]  # noqa: UP007
+_ADAPTER: TypeAdapter[MethodHParams] = TypeAdapter(HParams)
 
 
 class UnknownMethod(ValueError):
     pass
 
 
-def hparams_class(method: str) -> type[_EditHParams]:
+def hparams_class(method: str) -> type[MethodHParams]:
     try:
         return HPARAMS_CLASSES[method]
     except KeyError:
@@ -124,45 +156,45 @@ _MEASURED_LAYERS: dict[tuple[str, int], tuple[int, tuple[int, ...]]] = {
 }
 
 
-def default_layers(method: str, model_type: str, num_layers: int) -> tuple[int, ...]:
-    """ROME: one layer at ~15 % of the depth (~35 % for GPT-2); MEMIT: five layers
-    from the one below it (ending at it for GPT-2, as MEMIT's GPT-2 XL 13–17); never
-    the last layer, whose output is the prediction itself."""
+def causal_layer(model_type: str, num_layers: int) -> int:
+    """ROME's layer: ~15 % of the depth (~35 % for GPT-2), never the last layer,
+    whose output is the prediction itself."""
     measured = _MEASURED_LAYERS.get((model_type, num_layers))
     if measured is not None:
-        return (measured[0],) if method == "rome" else measured[1]
+        return measured[0]
     frac = 0.35 if model_type == "gpt2" else 0.15
+    return min(max(0, num_layers - 2), max(0, round(frac * num_layers)))
+
+
+def layer_window(model_type: str, num_layers: int) -> tuple[int, ...]:
+    """MEMIT's window: five layers from the one below ROME's (ending at it for GPT-2,
+    as MEMIT's GPT-2 XL 13–17), never the last layer."""
+    measured = _MEASURED_LAYERS.get((model_type, num_layers))
+    if measured is not None:
+        return measured[1]
     highest = max(0, num_layers - 2)
-    centre = min(highest, max(0, round(frac * num_layers)))
-    if method == "rome":
-        return (centre,)
+    centre = causal_layer(model_type, num_layers)
     first = centre - 4 if model_type == "gpt2" else centre - 1
     first = max(0, min(first, highest - 4))
     return tuple(range(first, min(highest, first + 4) + 1))
 
 
-def defaults_for(
-    method: str, model_type: str, num_layers: int, d_mlp: int
-) -> RomeHParams | MemitHParams:
-    """Per-architecture defaults (sources in the module docstring)."""
-    cls = hparams_class(method)
-    values: dict[str, Any] = {
-        "layers": default_layers(method, model_type, num_layers),
-        "v_loss_layer": num_layers - 1,
-    }
-    if method == "memit":
-        values["mom2_update_weight"] = round(_REF_LAMBDA * d_mlp / _REF_D_MLP, 1)
-    return cls(**values)
+def scaled_lambda(d_mlp: int, reference: float = _REF_LAMBDA) -> float:
+    """A λ set for LLaMA-7B's MLP width, scaled to ``d_mlp`` (module docstring)."""
+    return round(reference * d_mlp / _REF_D_MLP, 1)
 
 
-def parse_hparams(data: Mapping[str, Any]) -> RomeHParams | MemitHParams:
+def defaults_for(method: str, model_type: str, num_layers: int, d_mlp: int) -> MethodHParams:
+    """Per-architecture defaults of ``method`` (sources in the module docstring)."""
+    return hparams_class(method).defaults(model_type, num_layers, d_mlp)
+
+
+def parse_hparams(data: Mapping[str, Any]) -> MethodHParams:
     """Validate a stored hparams dict (with its ``method`` key)."""
     return _ADAPTER.validate_python(dict(data))
 
 
-def with_overrides(
-    base: RomeHParams | MemitHParams, overrides: Mapping[str, Any] | None
-) -> RomeHParams | MemitHParams:
+def with_overrides(base: MethodHParams, overrides: Mapping[str, Any] | None) -> MethodHParams:
     """``base`` with user overrides applied and validated. An unknown key fails
     with a ``ValidationError`` whose location is that key (``extra_forbidden``)."""
     if not overrides:
@@ -238,7 +270,7 @@ def hparams_from_easyedit_yaml(path_or_text: str | Path) -> RomeHParams | MemitH
     if not isinstance(data, dict):
         raise EasyEditImportError("an EasyEdit hparams file is a YAML mapping")
     alg = str(data.get("alg_name", "")).lower()
-    if alg not in METHODS:
+    if alg not in ("rome", "memit"):
         raise EasyEditImportError(f"alg_name {data.get('alg_name')!r} is not one of ROME, MEMIT")
     values: dict[str, Any] = {}
     for key, value in data.items():

@@ -109,3 +109,16 @@ def changed_tensors(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> 
         if w.dtype != v.dtype or w.shape != v.shape or not torch.equal(w.view(-1), v.view(-1)):
             out.append(k)
     return out
+
+
+# hparams overrides per method for 4-layer width-32 random models: their hidden
+# vectors are small, so
+# ROME's weight decay ‖δ‖/‖v₀‖² and the 4·‖v₀‖ clamp (tuned on real models) would
+# pin δ near zero; λ is scaled to their 64–128 wide MLPs
+TINY_OVERRIDES = {
+    "rome": {"v_weight_decay": 0.0, "clamp_norm_factor": 100.0, "v_prob_threshold": 0.6,
+             "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40},
+    "memit": {"v_weight_decay": 0.0, "clamp_norm_factor": 100.0, "v_prob_threshold": 0.6,
+              "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40,
+              "mom2_update_weight": 1.0, "layers": [0, 1, 2]},
+}  # fmt: skip

@@ -26,6 +26,7 @@ from service.hparams import (
 )
 from tests.tiny_models import (
     TINY_KINDS,
+    TINY_OVERRIDES,
     changed_tensors,
     state_copy,
     tiny_model,
@@ -46,16 +47,6 @@ REQUESTS = [
     EditRequest("The capital city of {}", "Toyota", "Athens", "Tokyo"),
     EditRequest("The famous writer {}", "Tolstoy", "Einstein", "Tolstoy"),
 ]
-# settings for 4-layer width-32 random models: their hidden vectors are small, so
-# ROME's weight decay ‖δ‖/‖v₀‖² and the 4·‖v₀‖ clamp (tuned on real models) would
-# pin δ near zero; λ is scaled to their 64–128 wide MLPs
-TINY_OVERRIDES = {
-    "rome": {"v_weight_decay": 0.0, "clamp_norm_factor": 100.0, "v_prob_threshold": 0.6,
-             "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40},
-    "memit": {"v_weight_decay": 0.0, "clamp_norm_factor": 100.0, "v_prob_threshold": 0.6,
-              "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40,
-              "mom2_update_weight": 1.0, "layers": [0, 1, 2]},
-}  # fmt: skip
 
 
 def tiny_hparams(method: str, model) -> RomeHParams | MemitHParams:

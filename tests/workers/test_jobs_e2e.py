@@ -24,8 +24,7 @@ from service.db import session_scope
 from service.models import Artifact, Version
 from service.settings import ModelSpec, Settings
 from tests import worker_harness as harness
-from tests.tiny_models import tiny_model, word_tokenizer
-from tests.workers.test_editors import TINY_OVERRIDES
+from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
 from workers.worker import WorkerState
 
 pytestmark = pytest.mark.e2e
