@@ -436,8 +436,13 @@ def _apply_group(
     ctx = EditContext(
         device=state.settings.device,
         cache=state.cache,
-        stats_provider=stats_provider_for(state, hparams, lambda f, m: report(0.1, m)),
+        stats_provider=(
+            stats_provider_for(state, hparams, lambda f, m: report(0.1, m))
+            if hasattr(hparams, "mom2_dataset")
+            else None
+        ),
         progress=lambda f, m: report(0.1 + 0.7 * f, m),
+        state=rt.aux,
     )
     t0 = time.perf_counter()
     delta: WeightDelta = editor.compute_delta(rt.model, rt.tokenizer, requests, hparams, ctx)

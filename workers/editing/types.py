@@ -190,11 +190,15 @@ class EditContext:
     lives as long as the worker's model does. ``stats_provider(layer_param) -> C``
     returns the uncentred second moment E[k kᵀ] of that layer's input keys, computing
     and caching it on first use. ``progress(fraction, message)`` reports progress.
+    ``state`` is the method state of the model's current version (the chain's summed
+    ``WeightDelta.aux`` tensors by name, e.g. AlphaEdit's accumulated K Kᵀ); an editor
+    reads it and returns only its own increment in ``aux``.
     """
 
     device: torch.device | str = "cpu"
     cache: dict[str, Any] = field(default_factory=dict)
     stats_provider: Callable[[str], torch.Tensor] | None = None
+    state: Mapping[str, torch.Tensor] = field(default_factory=dict)
     progress: Callable[[float, str], None] = lambda fraction, message: None
     seed: int = 0
 
