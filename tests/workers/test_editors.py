@@ -184,11 +184,15 @@ def test_rome_writes_v_star_at_the_averaged_key(computed, tok, kind):
 
 
 @pytest.mark.parametrize("kind", TINY_KINDS)
-def test_split_run_equals_a_plain_forward(tok, kind):
+@pytest.mark.parametrize("replayed", [0, 2])
+def test_split_run_equals_a_plain_forward(tok, kind, replayed):
     """The v* optimisation runs only the tokens from the subject on, over a cached
-    prefix; that must give the plain forward's hidden states, also after dropping
-    rows from the cache."""
+    prefix, replaying the blocks below the edited one; that must give the plain
+    forward's hidden states, also after dropping rows from the cache, and leave the
+    blocks' own forward in place."""
     model = tiny_model(kind)
+    profile = profile_for(model)
+    replay = [profile.layer(i) for i in range(replayed)]
     templates = ["{}", "The city is in Paris . {}", "He speaks . {}"]
     rows = (
         RowBuilder()
@@ -200,15 +204,22 @@ def test_split_run_equals_a_plain_forward(tok, kind):
         full = model.base_model(
             input_ids=rows.batch.input_ids, attention_mask=rows.batch.attention_mask
         ).last_hidden_state
-        run = _SplitRun(model, tok, rows, torch.arange(rows.size))
+        run = _SplitRun(model, tok, rows, torch.arange(rows.size), replay)
         for keep in (None, torch.tensor([0, 2, 3, 7, 9])):
             if keep is not None:
                 assert run.keep(keep)
             ids = torch.arange(rows.size) if keep is None else keep
-            out = model.base_model(**run.inputs()).last_hidden_state
+            with run.replaying():
+                out = model.base_model(**run.inputs()).last_hidden_state
             for i, row in enumerate(ids.tolist()):
                 start, end = int(rows.lookup[row]), int(rows.batch.attention_mask[row].sum())
                 torch.testing.assert_close(out[i, : end - start], full[row, start:end])
+    blocks = get_module_list(model, profile)
+    assert all("forward" not in block.__dict__ for block in blocks)
+
+
+def get_module_list(model, profile) -> list[torch.nn.Module]:
+    return list(model.get_submodule(profile.layers))
 
 
 def test_gpt2_conv1d_layout(computed):

@@ -17,21 +17,24 @@ probability of its target over its prompts reaches ``v_prob_threshold``.
 Speed: only δ carries gradients (the weights are frozen). Every position before a
 row's subject token is unaffected by δ (causal attention), so it is computed once
 and kept as a KV cache; each optimisation step runs only the tokens from the
-subject's last token on (a handful per prompt instead of the whole prefix). Logits
-are computed only at the positions the loss reads.
+subject's last token on (a handful per prompt instead of the whole prefix), and of
+those only through the blocks from the one where δ is added: the blocks below it
+cannot see δ, so their suffix output is computed once and replayed. Logits are
+computed only at the positions the loss reads.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.editing.common.hooks import forward_hooks, get_module, run_forward
+from workers.editing.common.hooks import forward_hooks, get_module, replace_first, run_forward
 from workers.editing.common.prompts import PromptRows, RowBuilder
 from workers.editing.common.tokens import pad_id, target_ids
 from workers.editing.types import EditRequest
@@ -67,7 +70,12 @@ class TargetResult:
 class _SplitRun:
     """Rows cut at their subject token: the prefix run once into a KV cache, the
     suffix (subject token onwards) run on demand. Suffix position 0 of every row is
-    its subject token."""
+    its subject token.
+
+    ``replay`` names the leading blocks (layers 0 … L−1 below the block where δ is
+    added) whose suffix outputs cannot depend on δ: they are computed once here, and
+    inside :meth:`replaying` those blocks return the recorded output instead of
+    running (their KV cache is not extended, which only the skipped blocks read)."""
 
     def __init__(
         self,
@@ -75,9 +83,13 @@ class _SplitRun:
         tok: PreTrainedTokenizerBase,
         rows: PromptRows,
         row_ids: torch.Tensor,
+        replay: Sequence[str] = (),
     ):
         device = next(model.parameters()).device
         self.model = model
+        self.replay = list(replay)
+        self.replayed: torch.Tensor | None = None
+        self._structure: dict[str, object] = {}
         ids, mask = rows.batch.input_ids[row_ids.cpu()], rows.batch.attention_mask[row_ids.cpu()]
         cut = rows.lookup[row_ids.cpu()]
         length = mask.sum(-1)
@@ -109,6 +121,46 @@ class _SplitRun:
                     use_cache=True,
                 )
             self.cache = out.past_key_values
+        if self.replay:
+            last = self.replay[-1]
+            with (  # structure hooks first: the stop hook on ``last`` raises
+                torch.no_grad(),
+                _recording_structure(model, self.replay, self._structure),
+                forward_hooks(model, record_outputs=[last], stop_after=last) as seen,
+            ):
+                run_forward(model.base_model, **self.inputs())
+            self.replayed = seen[f"out:{last}"].detach()
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Blocks in ``replay`` return the recorded output (the last) or pass their
+        input through (the others) instead of running."""
+        if not self.replay:
+            yield
+            return
+        assert self.replayed is not None
+        modules = [get_module(self.model, name) for name in self.replay]
+        last = len(modules) - 1
+
+        def fake(i: int, name: str) -> Callable[..., object]:
+            def forward(*args: object, **kwargs: object) -> object:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                out = self.replayed if i == last else hidden
+                return replace_first(self._structure[name], out)
+
+            return forward
+
+        saved = [module.__dict__.get("forward") for module in modules]
+        try:
+            for i, (name, module) in enumerate(zip(self.replay, modules, strict=True)):
+                module.forward = fake(i, name)
+            yield
+        finally:
+            for module, old in zip(modules, saved, strict=True):
+                if old is None:
+                    del module.forward  # back to the class's forward
+                else:
+                    module.forward = old  # e.g. an accelerate wrapper
 
     @property
     def size(self) -> int:
@@ -124,6 +176,8 @@ class _SplitRun:
         self.suffix_ids = self.suffix_ids[rows]
         self.suffix_pos = self.suffix_pos[rows]
         self.full_mask = self.full_mask[rows]
+        if self.replayed is not None:
+            self.replayed = self.replayed[rows]
         return True
 
     def inputs(self) -> dict[str, object]:
@@ -134,6 +188,33 @@ class _SplitRun:
             "past_key_values": copy.deepcopy(self.cache) if self.cache is not None else None,
             "use_cache": self.cache is not None,
         }
+
+
+@contextmanager
+def _recording_structure(
+    model: PreTrainedModel, names: Sequence[str], into: dict[str, object]
+) -> Iterator[None]:
+    """Record the output structure (tensor or tuple) of each named block."""
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(_module: torch.nn.Module, _args: tuple, output: object) -> None:
+            into[name] = output if isinstance(output, torch.Tensor) else tuple(output)
+
+        return record
+
+    handles = [get_module(model, n).register_forward_hook(hook(n)) for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def replay_blocks(profile: ArchProfile, module: str) -> list[str]:
+    """The blocks below the one holding ``module`` (δ is added inside or at the
+    output of that block, so nothing below it depends on δ)."""
+    layer = profile.layer_of_param(module)
+    return [] if layer is None else [profile.layer(i) for i in range(layer)]
 
 
 def optimise_targets(
@@ -185,7 +266,7 @@ def optimise_targets(
         act_rows = active[owner].nonzero().squeeze(-1)  # global row ids, ascending
         shrunk = run is not None and run.size != act_rows.numel()
         if run is None or (shrunk and not run.keep(local[act_rows])):
-            run = _SplitRun(model, tok, rows, act_rows)
+            run = _SplitRun(model, tok, rows, act_rows, replay_blocks(profile, module))
         local = torch.full((rows.size,), -1, dtype=torch.long, device=device)
         local[act_rows] = torch.arange(act_rows.numel(), device=device)
 
@@ -270,12 +351,15 @@ def _final_hidden(
     last layer: the model's own output; an earlier one: its block output through
     the final norm, as a logit lens)."""
     if loss_layer >= int(model.config.num_hidden_layers) - 1:
-        with forward_hooks(model, edit_outputs={module: add_delta}):
+        with forward_hooks(model, edit_outputs={module: add_delta}), run.replaying():
             return model.base_model(**run.inputs()).last_hidden_state
     block = profile.layer(loss_layer)
-    with forward_hooks(
-        model, edit_outputs={module: add_delta}, record_outputs=[block], stop_after=block
-    ) as seen:
+    with (
+        forward_hooks(
+            model, edit_outputs={module: add_delta}, record_outputs=[block], stop_after=block
+        ) as seen,
+        run.replaying(),
+    ):
         run_forward(model.base_model, **run.inputs())
     return get_module(model, profile.final_norm)(seen[f"out:{block}"])
 
