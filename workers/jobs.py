@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from rq import Queue
+from redis.exceptions import RedisError
+from rq import Queue, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RqJob
 from rq.job import JobStatus as RqStatus
@@ -562,6 +563,7 @@ class _Batching:
             self.held += ids
             self.budget -= n
             claimed += len(ids)
+            _drop_queue_entries(ids)
             now = time.monotonic()
             if free - n <= 0 and ids:
                 continue  # the claimed jobs may hold subjects already in the batch
@@ -584,6 +586,24 @@ class _Batching:
 
 def _subject(e: Edit) -> str:
     return e.subject
+
+
+def _drop_queue_entries(job_ids: Sequence[str]) -> None:
+    """Delete the rq entries of jobs this run claimed, so that the worker does not
+    dequeue them one by one only to find them taken. Best effort: an entry left
+    behind is a no-op when dequeued (the ledger says the job is not queued), and a
+    claimed job without an entry is re-enqueued by :func:`requeue_unfinished` if the
+    worker dies before finishing it."""
+    current = get_current_job()
+    if current is None or not job_ids:
+        return
+    for jid in job_ids:
+        try:
+            RqJob.fetch(jid, connection=current.connection).delete()
+        except NoSuchJobError:
+            pass
+        except RedisError:
+            log.warning("could not drop the queue entry of claimed job %s", jid, exc_info=True)
 
 
 def _apply_group(
