@@ -430,9 +430,13 @@ def _run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     up again, without waiting, and so on until it holds nothing. A run claims at
     most :data:`_RUN_BATCHES` batches' worth of other jobs' requests, so that reads
     queued meanwhile are served. A job is finished as soon as its last edit is
-    applied. A batch that fails fails its own jobs (their remaining edits too) with
-    the reason; the other jobs go on. If ``job_id`` itself failed, its exception is
-    re-raised at the end, so that rq records it.
+    applied.
+
+    A batch that fails touches only its own jobs; the others go on. If it held the
+    requests of several jobs, each of them is tried again by itself (one client's
+    bad request must not fail the others'); a job that fails by itself fails with
+    the reason, its remaining edits too. If ``job_id`` itself failed, its exception
+    is re-raised at the end, so that rq records it.
     """
     engine = _engine(state)
     with session_scope(engine) as s:
@@ -453,6 +457,7 @@ def _run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     )
     failed: dict[str, Exception] = {}
     done: list[str] = []
+    isolated: list[str] = []  # jobs of a failed batch, now tried one at a time
     applied = 0
     # seconds spent waiting for a first full batch (None: this job does not batch)
     wait_s = batching.fill(wait=True) if batching.budget else None
@@ -469,11 +474,15 @@ def _run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
             log.info("jobs %s succeeded", finished)
         if not pending:
             break
-        batch = next_batch(pending, size, _subject)
-        if len(batch) < size and batching.budget > 0 and not topped:
-            batching.fill(wait=False)  # top the held requests up to a full batch
-            topped = True
-            continue
+        alone_now = next((j for j in isolated if j in with_edits), None)
+        if alone_now is not None:
+            batch = next_batch([e for e in pending if e.job_id == alone_now], size, _subject)
+        else:
+            batch = next_batch(pending, size, _subject)
+            if len(batch) < size and batching.budget > 0 and not topped:
+                batching.fill(wait=False)  # top the held requests up to a full batch
+                topped = True
+                continue
         jobs = list(dict.fromkeys(e.job_id for e in batch))
         running = [j for j in active if j in with_edits]
         report = _batch_reporter(state, running, applied, len(batch), applied + len(pending))
@@ -490,6 +499,13 @@ def _run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
                 extra_timing=None if wait_s is None else {"batch_wait_s": wait_s},
             )
         except Exception as exc:
+            if len(jobs) > 1 and not isinstance(exc, JobTimeoutException):
+                log.warning(
+                    "a batch of jobs %s failed (%s: %s); trying each job by itself",
+                    jobs, type(exc).__name__, exc,
+                )  # fmt: skip
+                isolated += jobs
+                continue
             for j in jobs:
                 _fail(state, j, exc)
                 failed[j] = exc
