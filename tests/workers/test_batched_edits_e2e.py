@@ -424,6 +424,27 @@ def test_worker_killed_mid_batch_loses_nothing(
     assert state.runtime.tensor_hashes(head["tensor_sha256"]) == head["tensor_sha256"]
 
 
+def test_requeue_resets_a_claimed_job_whose_queue_entry_survived(
+    configure: Callable[..., Settings], api: Any, redis_conn: Redis, db_engine: Engine
+) -> None:
+    # a worker died right after claiming b, before it deleted b's rq entry
+    settings = configure(max_batch=4)
+    client = api(settings)
+    a = post(client, request("Mozart", 0))
+    b = post(client, request("Curie", 1))
+    with session_scope(db_engine) as s:
+        job = s.get(Job, b)
+        assert job is not None
+        job.status = JobStatus.running
+    state = harness.start_worker(MODEL, settings)
+    queue = Queue(settings.edit_queue(MODEL), connection=redis_conn)
+    assert requeue_unfinished(state, queue) == 1
+    assert harness.job(client, b)["status"] == "queued"
+    assert queue.job_ids == [a, b]  # nothing enqueued twice
+    drain(settings, redis_conn)
+    assert version_of_jobs(client, [a, b]) == [[1], [1]]
+
+
 # -- the stream: 200 single edits from 20 concurrent HTTP clients ---------------------
 
 
