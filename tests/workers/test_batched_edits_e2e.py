@@ -361,7 +361,7 @@ def test_worker_killed_mid_batch_loses_nothing(
     settings = configure(max_batch=4)
     client = api(settings)
     # slow enough to kill the worker while it computes the second batch
-    slow = {"v_num_grad_steps": 60, "v_prob_threshold": 1.0}
+    slow = {"v_num_grad_steps": 30, "v_prob_threshold": 1.0}
     jobs = [
         post(client, request("Mozart", 0), hparams=slow),
         post(client, request("Mozart", 1), hparams=slow),
