@@ -163,7 +163,13 @@ def healthz(session: SessionDep, redis: RedisDep) -> JSONResponse:
 def list_models(session: SessionDep) -> list[ModelPublic]:
     """The configured models and their head version (null until a worker registered one)."""
     return [
-        ModelPublic(name=m.name, source=m.source, architecture=m.architecture, head_version=head)
+        ModelPublic(
+            name=m.name,
+            source=m.source,
+            architecture=m.architecture,
+            head_version=head,
+            policy=dict(m.policy or {}),
+        )
         for m, head in ledger.list_models(session)
     ]
 
@@ -183,7 +189,9 @@ def create_edits(
     response: Response,
 ) -> EditJobCreated:
     """Queue one job applying ``requests`` with ``method`` (ROME: one version per
-    request, in order; MEMIT: one version for the batch). Poll ``/v1/jobs/{job_id}``."""
+    request, in order; MEMIT: batches of at most the model's ``max_batch`` requests,
+    one version each, possibly shared with other jobs' requests unless ``batching``
+    is ``alone``). Poll ``/v1/jobs/{job_id}``."""
     job = ledger.create_edit_job(
         session,
         model,
@@ -191,6 +199,7 @@ def create_edits(
         body.hparams,
         body.requests,
         max_requests=settings.max_requests_per_edit,
+        batching=body.batching,
     )
     created = EditJobCreated(job_id=job.id, edit_ids=[e.id for e in job.edits])
     session.commit()  # the ledger row exists before the queue hears of it

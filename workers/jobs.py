@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from rq import Queue
+from redis.exceptions import RedisError
+from rq import Queue, get_current_job
 from rq.exceptions import NoSuchJobError
 from rq.job import Job as RqJob
 from rq.job import JobStatus as RqStatus
+from rq.timeouts import JobTimeoutException
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session
@@ -38,6 +40,7 @@ from service.models import (
     Version,
     VersionKind,
 )
+from workers.batching import batch_size, claim_jobs, next_batch, pending_edits
 from workers.editing.common.stats import StatsCache, stats_provider
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest, WeightDelta
@@ -51,6 +54,11 @@ from workers.worker import WorkerState, current_state
 log = logging.getLogger(__name__)
 
 CODE_VERSION = "0.1.0"
+
+# how often a writer waiting to fill a batch looks for more queued edits
+_POLL_S = 0.02
+# a run claims at most this many batches' worth of other jobs' edits
+_RUN_BATCHES = 4
 
 
 def _now() -> datetime:
@@ -82,7 +90,7 @@ def register_model(state: WorkerState) -> int:
                     s.add(model)
                     s.flush()
                 model.architecture = model_type
-                model.policy = {**(model.policy or {}), "snapshot_every": state.spec.snapshot_every}
+                model.policy = {**(model.policy or {}), **state.spec.policy()}
                 v0 = s.scalar(
                     select(Version).where(Version.model_id == model.id, Version.number == 0)
                 )
@@ -157,8 +165,15 @@ def sync_to_head(state: WorkerState) -> int:
 
 
 def requeue_unfinished(state: WorkerState, queue: Queue) -> int:
-    """Re-enqueue this model's ledger jobs that are not finished but not in Redis
-    (a lost message, a worker that died mid-job). Postgres is the truth."""
+    """Put back this model's ledger jobs that are not finished: a lost Redis message,
+    or a worker that died mid-job (its own job and the jobs it had taken into its
+    batches are left ``running``). Postgres is the truth.
+
+    Every unfinished job becomes ``queued`` again (its applied edits stay applied;
+    the queued ones run again) and is re-enqueued unless Redis still holds its
+    entry. Call it when the model's writer starts, before it takes jobs. Returns
+    how many jobs were put back.
+    """
     n = 0
     with session_scope(_engine(state)) as s:
         pending = s.scalars(
@@ -174,7 +189,14 @@ def requeue_unfinished(state: WorkerState, queue: Queue) -> int:
                 status = RqJob.fetch(job.id, connection=queue.connection).get_status()
             except NoSuchJobError:
                 status = None
+            was_running = job.status is JobStatus.running
+            if was_running:
+                # a job run or claimed by a worker that stopped; a queued rq entry
+                # would otherwise find it running and do nothing
+                job.status = JobStatus.queued
+                job.message = "put back in the queue: the worker running it stopped"
             if status in (RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED):
+                n += was_running
                 continue
             if status is not None:
                 RqJob.fetch(job.id, connection=queue.connection).delete()
@@ -188,7 +210,7 @@ def requeue_unfinished(state: WorkerState, queue: Queue) -> int:
             )
             n += 1
     if n:
-        log.info("re-enqueued %d unfinished jobs of %s from the ledger", n, state.name)
+        log.info("put back %d unfinished jobs of %s from the ledger", n, state.name)
     return n
 
 
@@ -196,15 +218,20 @@ def requeue_unfinished(state: WorkerState, queue: Queue) -> int:
 
 
 def run_job(job_id: str) -> dict[str, Any] | None:
-    """Run an edit or rollback job from the ledger."""
+    """Run an edit or rollback job from the ledger.
+
+    Only a ``queued`` job runs: a finished one, or one that a batch run of another
+    job took along (``running``), makes its rq entry a no-op. An edit job may take
+    other queued edit jobs along (:mod:`workers.batching`).
+    """
     state = current_state()
     engine = _engine(state)
     with session_scope(engine) as s:
         job = s.get(Job, job_id, with_for_update=True)
         if job is None:
             raise LookupError(f"job {job_id} is not in the ledger")
-        if job.status in (JobStatus.succeeded, JobStatus.failed):
-            log.info("job %s is already %s; nothing to do", job_id, job.status.value)
+        if job.status is not JobStatus.queued:
+            log.info("job %s is %s; nothing to do", job_id, job.status.value)
             return job.result
         if job.model_id != state.model_id:
             raise RuntimeError(f"job {job_id} belongs to another model")
@@ -212,26 +239,35 @@ def run_job(job_id: str) -> dict[str, Any] | None:
         job.started_at = job.started_at or _now()
         kind = job.kind
     log.info("job %s (%s) started", job_id, kind.value)
+    if kind is JobKind.edit:
+        return _run_edits(state, job_id)
     try:
         sync_to_head(state)
-        result = _run_edit(state, job_id) if kind is JobKind.edit else _run_rollback(state, job_id)
+        result = _run_rollback(state, job_id)
     except Exception as exc:
         _fail(state, job_id, exc)
         raise
-    with session_scope(engine) as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(
-                status=JobStatus.succeeded,
-                progress=1.0,
-                result=result,
-                finished_at=_now(),
-                message=None,
-            )
-        )
+    _finish(state, [job_id], result)
     log.info("job %s succeeded: %s", job_id, result.get("versions"))
     return result
+
+
+def _finish(state: WorkerState, job_ids: Sequence[str], result: dict[str, Any] | None) -> None:
+    """Mark running jobs succeeded (an edit job's result was written with its versions)."""
+    values: dict[str, Any] = {
+        "status": JobStatus.succeeded,
+        "progress": 1.0,
+        "finished_at": _now(),
+        "message": None,
+    }
+    if result is not None:
+        values["result"] = result
+    with session_scope(_engine(state)) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.running)
+            .values(**values)
+        )
 
 
 def score(model: str, prompts: list[str], targets: list[str]) -> dict[str, Any]:
@@ -264,11 +300,14 @@ def _state_for(model: str) -> WorkerState:
 # -- edit jobs ------------------------------------------------------------------------
 
 
-def _progress(state: WorkerState, job_id: str, fraction: float, message: str) -> None:
+def _progress(
+    state: WorkerState, job_id: str | Sequence[str], fraction: float, message: str
+) -> None:
+    ids = [job_id] if isinstance(job_id, str) else list(job_id)
     with session_scope(_engine(state)) as s:
         s.execute(
             update(Job)
-            .where(Job.id == job_id)
+            .where(Job.id.in_(ids))
             .values(progress=max(0.0, min(1.0, fraction)), message=message[:500])
         )
 
@@ -380,37 +419,207 @@ def warm_statistics(state: WorkerState) -> None:
         )
 
 
-def _run_edit(state: WorkerState, job_id: str) -> dict[str, Any]:
+def _run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
+    """Apply edit job ``job_id`` and the queued jobs it takes along, batch by batch.
 
+    Batching (:mod:`workers.batching`): if the job asks for ``auto`` and its method
+    takes several requests per delta, the writer claims compatible queued jobs until
+    its next batch is full (``max_batch`` requests, no subject twice), waiting up to
+    ``max_wait_ms`` for them. It applies that batch as one version, then tops the
+    requests it still holds (later requests about a subject already in the batch)
+    up again, without waiting, and so on until it holds nothing. A run claims at
+    most :data:`_RUN_BATCHES` batches' worth of other jobs' requests, so that reads
+    queued meanwhile are served. A job is finished as soon as its last edit is
+    applied.
+
+    A batch that fails touches only its own jobs; the others go on. If it held the
+    requests of several jobs, each of them is tried again by itself (one client's
+    bad request must not fail the others'); a job that fails by itself fails with
+    the reason, its remaining edits too. If ``job_id`` itself failed, its exception
+    is re-raised at the end, so that rq records it.
+    """
     engine = _engine(state)
     with session_scope(engine) as s:
         job = s.get(Job, job_id)
         assert job is not None
         method = job.payload["method"]
         overrides = job.payload.get("hparams") or {}
-        all_edits = list(job.edits)
-        pending = [e for e in all_edits if e.status is EditStatus.queued]
-        previous = (job.result or {}) if job.result else {}
-    editor = get_editor(method)
-    hparams = resolve_hparams(state, method, overrides)
-    groups = _groups(editor, pending)
-    versions: list[int] = list(previous.get("versions", []))
-    metrics: dict[str, Any] = dict(previous.get("metrics", {}))
-    for gi, group in enumerate(groups):
-        base_fraction = gi / len(groups)
+        alone = job.payload.get("batching", "auto") == "alone"
+    try:
+        editor = get_editor(method)
+        hparams = resolve_hparams(state, method, overrides)
+    except Exception as exc:
+        _fail(state, job_id, exc)
+        raise
+    size = batch_size(editor, state.spec.max_batch)
+    batching = _Batching(
+        state, job_id, method, overrides, size, size * _RUN_BATCHES if not alone and size > 1 else 0
+    )
+    failed: dict[str, Exception] = {}
+    done: list[str] = []
+    isolated: list[str] = []  # jobs of a failed batch, now tried one at a time
+    applied = 0
+    # seconds spent waiting for a first full batch (None: this job does not batch)
+    wait_s = batching.fill(wait=True) if batching.budget else None
+    topped = True  # whether the held requests were topped up since the last batch
+    while True:
+        active = [j for j in batching.held if j not in failed and j not in done]
+        with session_scope(engine) as s:
+            pending = pending_edits(s, active)
+        with_edits = {e.job_id for e in pending}
+        finished = [j for j in active if j not in with_edits]
+        if finished:
+            _finish(state, finished, None)
+            done += finished
+            log.info("jobs %s succeeded", finished)
+        if not pending:
+            break
+        alone_now = next((j for j in isolated if j in with_edits), None)
+        if alone_now is not None:
+            batch = next_batch([e for e in pending if e.job_id == alone_now], size, _subject)
+        else:
+            batch = next_batch(pending, size, _subject)
+            if len(batch) < size and batching.budget > 0 and not topped:
+                batching.fill(wait=False)  # top the held requests up to a full batch
+                topped = True
+                continue
+        jobs = list(dict.fromkeys(e.job_id for e in batch))
+        running = [j for j in active if j in with_edits]
+        report = _batch_reporter(state, running, applied, len(batch), applied + len(pending))
+        try:
+            sync_to_head(state)
+            _apply_group(
+                state,
+                jobs[0],
+                editor,
+                method,
+                hparams,
+                batch,
+                report,
+                extra_timing=None if wait_s is None else {"batch_wait_s": wait_s},
+            )
+        except Exception as exc:
+            if len(jobs) > 1 and not isinstance(exc, JobTimeoutException):
+                log.warning(
+                    "a batch of jobs %s failed (%s: %s); trying each job by itself",
+                    jobs, type(exc).__name__, exc,
+                )  # fmt: skip
+                isolated += jobs
+                continue
+            for j in jobs:
+                _fail(state, j, exc)
+                failed[j] = exc
+            if isinstance(exc, JobTimeoutException):
+                for j in batching.held:
+                    if j not in failed and j not in done:
+                        _fail(state, j, exc)
+                raise
+        applied += len(batch)
+        wait_s, topped = None, False
+    if job_id in failed:
+        raise failed[job_id]
+    with session_scope(engine) as s:
+        result = s.scalar(select(Job.result).where(Job.id == job_id))
+    return result
 
-        def report(fraction: float, message: str, _b: float = base_fraction) -> None:
-            _progress(state, job_id, _b + fraction / len(groups), message)
 
-        number, group_metrics = _apply_group(state, job_id, editor, method, hparams, group, report)
-        versions.append(number)
-        metrics.update(group_metrics)
-    return {"versions": versions, "metrics": metrics, "method": method}
+def _batch_reporter(
+    state: WorkerState, job_ids: list[str], done: int, size: int, total: int
+) -> Callable[[float, str], None]:
+    """Progress of a batch of ``size`` edits after ``done`` of ``total``, for every
+    job that still has edits to apply."""
+
+    def report(fraction: float, message: str) -> None:
+        _progress(state, job_ids, (done + fraction * size) / total, message)
+
+    return report
 
 
-def _groups(editor: Any, edits: list[Edit]) -> list[list[Edit]]:
-    size = getattr(editor, "max_requests_per_delta", None) or len(edits) or 1
-    return [edits[i : i + size] for i in range(0, len(edits), size)]
+class _Batching:
+    """The jobs one run holds (its own first) and the claiming of more."""
+
+    def __init__(
+        self,
+        state: WorkerState,
+        job_id: str,
+        method: str,
+        overrides: dict[str, Any],
+        size: int,
+        budget: int,
+    ) -> None:
+        self.state, self.job_id, self.method, self.overrides = state, job_id, method, overrides
+        self.size = size
+        self.budget = budget  # how many more edits of other jobs this run may claim
+        self.held = [job_id]
+
+    def fill(self, *, wait: bool) -> float:
+        """Claim compatible queued jobs until the next batch is full or the budget is
+        spent; with ``wait``, look again until ``max_wait_ms`` passed. Returns the
+        seconds spent."""
+        state = self.state
+        t0 = time.monotonic()
+        deadline = t0 + (state.spec.max_wait_ms / 1000.0 if wait else 0.0)
+        told = False
+        claimed = 0
+        while self.budget > 0:
+            with session_scope(_engine(state)) as s:
+                free = self.size - len(next_batch(pending_edits(s, self.held), self.size, _subject))
+                ids, n = (
+                    claim_jobs(
+                        s,
+                        state.model_id,
+                        self.method,
+                        self.overrides,
+                        min(free, self.budget),
+                        self.job_id,
+                    )
+                    if free > 0
+                    else ([], 0)
+                )
+            self.held += ids
+            self.budget -= n
+            claimed += len(ids)
+            _drop_queue_entries(ids)
+            now = time.monotonic()
+            if free - n <= 0 and ids:
+                continue  # the claimed jobs may hold subjects already in the batch
+            if free <= 0 or now >= deadline:
+                break
+            if ids:
+                continue
+            if not told:
+                msg = f"waiting up to {state.spec.max_wait_ms} ms for more edits"
+                _progress(state, self.job_id, 0.0, msg)
+                told = True
+            time.sleep(min(_POLL_S, deadline - now))
+        seconds = time.monotonic() - t0
+        if claimed:
+            log.info(
+                "job %s took %d queued jobs along (%.3f s)", self.job_id, claimed, seconds
+            )  # fmt: skip
+        return seconds
+
+
+def _subject(e: Edit) -> str:
+    return e.subject
+
+
+def _drop_queue_entries(job_ids: Sequence[str]) -> None:
+    """Delete the rq entries of jobs this run claimed, so that the worker does not
+    dequeue them one by one only to find them taken. Best effort: an entry left
+    behind is a no-op when dequeued (the ledger says the job is not queued), and a
+    claimed job without an entry is re-enqueued by :func:`requeue_unfinished` if the
+    worker dies before finishing it."""
+    current = get_current_job()
+    if current is None or not job_ids:
+        return
+    for jid in job_ids:
+        try:
+            RqJob.fetch(jid, connection=current.connection).delete()
+        except NoSuchJobError:
+            pass
+        except RedisError:
+            log.warning("could not drop the queue entry of claimed job %s", jid, exc_info=True)
 
 
 def _apply_group(
@@ -421,7 +630,10 @@ def _apply_group(
     hparams: Any,
     group: list[Edit],
     report: Any,
+    extra_timing: dict[str, float] | None = None,
 ) -> tuple[int, dict[str, Any]]:
+    """Compute, measure and commit one version applying ``group`` (edits of one or
+    more jobs; ``job_id`` is the version's job). The model is unchanged on failure."""
     rt = state.runtime
     t_start = time.perf_counter()
     requests = [_request_of(e) for e in group]
@@ -466,7 +678,7 @@ def _apply_group(
             before,
             after,
             inferred,
-            timing={"compute_s": t_compute, "evaluate_s": t_eval},
+            timing={**(extra_timing or {}), "compute_s": t_compute, "evaluate_s": t_eval},
             t_start=t_start,
         )
     except BaseException:
@@ -537,11 +749,17 @@ def _commit_edit_version(
                 "source": state.spec.source,
                 "drift_relative": staged.drift_relative,
                 "delta_meta": delta.meta,
+                "batch": {
+                    "size": len(group),
+                    "edit_ids": [e.id for e in group],
+                    "job_ids": list(dict.fromkeys(e.job_id for e in group)),
+                },
             },
         )
         s.add(version)
         s.flush()
         metrics: dict[str, Any] = {}
+        by_job: dict[str, dict[str, Any]] = {}
         for e, b, a, inf in zip(group, before, after, inferred, strict=True):
             row = _metrics_row(b, a, inf)
             s.execute(
@@ -550,13 +768,22 @@ def _commit_edit_version(
                 .values(status=EditStatus.applied, version_id=version.id, metrics=row, reason=None)
             )
             metrics[str(e.id)] = row
-        job = s.get(Job, job_id)
-        assert job is not None
-        job.result = {
-            "versions": [*((job.result or {}).get("versions", [])), number],
-            "metrics": {**((job.result or {}).get("metrics", {})), **metrics},
-            "method": method,
-        }
+            by_job.setdefault(e.job_id, {})[str(e.id)] = row
+        # each job's result grows in the version's transaction: a worker that dies
+        # later leaves the result matching the applied edits
+        for jid, rows in by_job.items():
+            job = s.get(Job, jid)
+            assert job is not None
+            old = job.result or {}
+            job.result = {
+                "versions": [*old.get("versions", []), number],
+                "metrics": {**old.get("metrics", {}), **rows},
+                "method": method,
+                "batches": [
+                    *old.get("batches", []),
+                    {"version": number, "size": len(group), "edit_ids": [int(k) for k in rows]},
+                ],
+            }
     return number, metrics
 
 

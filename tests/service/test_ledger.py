@@ -55,7 +55,7 @@ def test_sync_models_inserts_missing_names_once(session: Session, api_settings: 
     assert set(rows) == {MODEL, OTHER}
     assert rows[OTHER].source == "sshleifer/tiny-gpt2"
     assert rows[OTHER].architecture is None
-    assert rows[OTHER].policy == {"snapshot_every": 3}
+    assert rows[OTHER].policy == {"snapshot_every": 3, "max_batch": 4, "max_wait_ms": 50}
 
 
 def test_create_edit_job_stores_job_and_ordered_edits(synced: Session) -> None:
@@ -65,7 +65,7 @@ def test_create_edit_job_stores_job_and_ordered_edits(synced: Session) -> None:
     stored = synced.get(Job, job.id)
     assert stored is not None
     assert (stored.kind, stored.status, stored.progress) == (JobKind.edit, JobStatus.queued, 0.0)
-    assert stored.payload == {"method": "memit", "hparams": {"v_lr": 0.1}}
+    assert stored.payload == {"method": "memit", "hparams": {"v_lr": 0.1}, "batching": "auto"}
     edits = synced.scalars(select(Edit).where(Edit.job_id == job.id).order_by(Edit.id)).all()
     assert [e.position for e in edits] == [0, 1]
     assert [e.subject for e in edits] == ["The Eiffel Tower", "Big Ben"]
@@ -97,6 +97,14 @@ def test_create_edit_job_rejects_bad_input_and_stores_nothing(
     synced.rollback()
     assert _count(synced, Job) == 0
     assert _count(synced, Edit) == 0
+
+
+def test_unknown_batching_mode_is_invalid_and_stores_nothing(synced: Session) -> None:
+    with pytest.raises(InvalidInput) as err:
+        ledger.create_edit_job(synced, MODEL, "memit", None, [edit_request()], batching="later")
+    assert err.value.field == "batching"
+    synced.rollback()
+    assert _count(synced, Job) == 0
 
 
 def test_unknown_model_is_not_found(synced: Session) -> None:
