@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.hparams import METHODS
 from workers.editing.common.codebook import GraceAdaptor
+from workers.editing.grace import GraceEditor
 from workers.editing.memit import MemitEditor
 from workers.editing.rome import RomeEditor
 from workers.editing.types import EditContext, EditRequest, ModuleState, WeightDelta
@@ -59,7 +60,7 @@ def _build(classes: Sequence[type]) -> dict[str, type]:
     return out
 
 
-_EDITOR_CLASSES: tuple[type, ...] = (RomeEditor, MemitEditor)
+_EDITOR_CLASSES: tuple[type, ...] = (RomeEditor, MemitEditor, GraceEditor)
 EDITORS: dict[str, type] = _build(_EDITOR_CLASSES)
 
 
