@@ -21,6 +21,9 @@ Defaults and their sources (see ``docs/editing.md`` for the measurements):
   (5 of 28/32) and ~35 % for GPT-2 XL (17 of 48); MEMIT edits a window of 5 layers
   around it (GPT-J 3–8, LLaMA-7B 4–8, GPT-2 XL 13–17). Measured on SmolLM2 (30 layers): see
   :data:`_MEASURED_LAYERS`.
+- GRACE (:class:`GraceHParams`): EasyEdit's GRACE presets (zjunlp/EasyEdit
+  ``hparams/GRACE/llama-7b.yaml``), the layer scaled to the depth (27 of 32 → 25 of 30,
+  as PEERS.md ran it on SmolLM2).
 """
 
 from __future__ import annotations
