@@ -398,3 +398,20 @@ def test_compute_delta_is_deterministic(tok):
     assert first.modules.keys() == second.modules.keys() == {"grace"}
     for key, t in first.modules["grace"].tensors.items():
         assert torch.equal(t, second.modules["grace"].tensors[key]), key
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_value_is_trained_on_the_codebook_the_runtime_will_serve(tok, kind):
+    """A split shrinks a large ball the runtime's hook applies: while training, the
+    editor must see the module's own output wherever the shrunk ball no longer
+    reaches, so the probability it reports is the one the committed version serves."""
+    rt = ModelRuntime(tiny_model(kind))
+    # at layer 1 (not the last), so that other positions' outputs reach the target's
+    big = {"eps_init": 50.0, "layers": [1]}
+    edit(rt, tok, REQUESTS[:1], 1, **big)  # a ball over almost every position
+    delta = grace_delta(rt, tok, REQUESTS[1:2], **big)
+    entry = delta.meta["entries"][0]
+    assert entry["action"] == "split" and entry["radius"] < 50.0
+    rt.commit(rt.stage(delta), 2)
+    (served,) = target_logprobs(rt.model, tok, [REQUESTS[1].text], [REQUESTS[1].target_new])
+    assert float(torch.tensor(served).exp()) == pytest.approx(entry["target_prob"], abs=1e-4)
