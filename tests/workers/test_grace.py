@@ -15,7 +15,7 @@ from service.hparams import defaults_for, with_overrides
 from tests.tiny_models import TINY_KINDS, TINY_OVERRIDES, state_copy, tiny_model, word_tokenizer
 from workers.artifacts import ArtifactStore
 from workers.editing.common.base import EditError
-from workers.editing.common.codebook import Codebook, codebook_output
+from workers.editing.common.codebook import Codebook, codebook_output, nearest_keys
 from workers.editing.grace import COVER_MARGIN, place
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest, ModuleState, WeightDelta
@@ -147,6 +147,31 @@ def test_codebook_output_per_position_nearest_key_and_radius():
     wide = inputs.expand(5, -1, -1)
     batched = codebook_output(keys, values, radii, wide, output.expand(5, -1, -1))
     assert all(torch.equal(batched[b], out[0]) for b in range(5))
+
+
+def test_screened_lookup_decides_exactly_as_the_pairwise_rule():
+    """The fp64 screen only skips work: on random queries with radii set exactly at,
+    and one ulp below, pairwise distances, the output is the pairwise rule's."""
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(40, 96, generator=gen) * 4
+    values = torch.randn(40, 8, generator=gen)
+    near = keys[torch.randint(0, 40, (300,), generator=gen)]
+    queries = torch.cat([near + torch.randn(300, 96, generator=gen) * 0.05,
+                         torch.randn(200, 96, generator=gen) * 4])  # fmt: skip
+    dist, idx = nearest_keys(keys, queries)
+    radii = torch.full((40,), 0.2)
+    at, below = idx[:100:2], idx[1:100:2]
+    radii[at] = dist[:100:2]  # exactly at the boundary: inside
+    radii[below] = torch.nextafter(dist[1:100:2], torch.tensor(0.0))  # one ulp short
+    output = torch.randn(500, 8, generator=gen)
+    hit = dist <= radii[idx]
+    expected = torch.where(hit.unsqueeze(-1), values[idx], output)
+    got = codebook_output(keys, values, radii, queries, output)
+    assert got is not None and torch.equal(got, expected)
+    assert 0 < int(hit.sum()) < 500
+    for rows in (slice(0, 7), slice(250, 500), slice(3, 4)):
+        part = codebook_output(keys, values, radii, queries[rows], output[rows])
+        assert torch.equal(output[rows] if part is None else part, expected[rows])
 
 
 # -- the adaptor in the runtime ---------------------------------------------------------------
