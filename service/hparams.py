@@ -21,6 +21,9 @@ Defaults and their sources (see ``docs/editing.md`` for the measurements):
   (5 of 28/32) and ~35 % for GPT-2 XL (17 of 48); MEMIT edits a window of 5 layers
   around it (GPT-J 3–8, LLaMA-7B 4–8, GPT-2 XL 13–17). Measured on SmolLM2 (30 layers): see
   :data:`_MEASURED_LAYERS`.
+- GRACE (:class:`GraceHParams`): EasyEdit's GRACE presets (zjunlp/EasyEdit
+  ``hparams/GRACE/llama-7b.yaml``), the layer scaled to the depth (27 of 32 → 25 of 30,
+  as PEERS.md ran it on SmolLM2).
 """
 
 from __future__ import annotations
@@ -130,9 +133,50 @@ class MemitHParams(_EditHParams):
         )
 
 
+# EasyEdit's GRACE presets put the codebook deep in the model: LLaMA-2-7B layer 27 of
+# 32 (zjunlp/EasyEdit hparams/GRACE/llama-7b.yaml, also llama3.2-1b.yaml), GPT-J 25 of
+# 28 (gpt-j-6b.yaml); PEERS.md ran the LLaMA preset scaled to SmolLM2: layer 25 of 30
+_GRACE_DEPTH = 27 / 32
+
+
+class GraceHParams(MethodHParams):
+    """GRACE (Hartvigsen et al. 2023, "Aging with GRACE"): a key-value codebook with
+    deferral radii at one layer's MLP output projection; the weights never change.
+    Not a locate-then-edit method: no statistics, no v* (``workers/editing/grace.py``).
+
+    Defaults from EasyEdit's LLaMA presets (zjunlp/EasyEdit
+    ``hparams/GRACE/llama-7b.yaml``: ``eps: 1.0``, ``edit_lr: 1.0``, ``n_iter: 50``,
+    ``eps_expand: coverage``); ``prob_threshold`` (early stop) is ours, as ROME's
+    ``v_prob_threshold``.
+    """
+
+    method: Literal["grace"] = "grace"
+    eps_init: float = Field(1.0, gt=0, description="ε_init: deferral radius of a new entry")
+    edit_lr: float = Field(1.0, gt=0, description="Adam step size of the value training")
+    n_iter: int = Field(50, ge=1, le=1000, description="value training steps at most")
+    prob_threshold: float = Field(
+        0.9, gt=0, le=1, description="stop training once the target's mean token prob. reaches this"
+    )
+
+    @model_validator(mode="after")
+    def _one_layer(self) -> Self:
+        if len(self.layers) != 1:
+            raise ValueError("GRACE keeps its codebook at exactly one layer")
+        return self
+
+    @classmethod
+    def defaults(cls, model_type: str, num_layers: int, d_mlp: int) -> Self:
+        return cls(layers=(grace_layer(num_layers),))
+
+
+def grace_layer(num_layers: int) -> int:
+    """EasyEdit's GRACE depth (27 of 32) scaled to ``num_layers``: 25 of 30."""
+    return min(num_layers - 1, max(0, round(_GRACE_DEPTH * num_layers)))
+
+
 # every method's hparams class, in the order of METHODS; adding a method adds its
 # class here (and its editor to workers/editing/registry.py)
-_CLASSES: tuple[type[MethodHParams], ...] = (RomeHParams, MemitHParams)
+_CLASSES: tuple[type[MethodHParams], ...] = (RomeHParams, MemitHParams, GraceHParams)
 METHODS = tuple(cls.model_fields["method"].default for cls in _CLASSES)
 HPARAMS_CLASSES: dict[str, type[MethodHParams]] = dict(zip(METHODS, _CLASSES, strict=True))
 HParams = Annotated[Union[_CLASSES], Field(discriminator="method")]  # noqa: UP007

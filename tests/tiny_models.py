@@ -121,4 +121,8 @@ TINY_OVERRIDES = {
     "memit": {"v_weight_decay": 0.0, "clamp_norm_factor": 100.0, "v_prob_threshold": 0.6,
               "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40,
               "mom2_update_weight": 1.0, "layers": [0, 1, 2]},
+    # GRACE needs no change of its SmolLM2 defaults on these models but more steps:
+    # its default layer is their last (3 of 4), where one value vector moves the
+    # output less than deep inside a real model
+    "grace": {"n_iter": 100},
 }  # fmt: skip

@@ -654,7 +654,7 @@ def _apply_group(
             else None
         ),
         progress=lambda f, m: report(0.1 + 0.7 * f, m),
-        state=rt.aux,
+        state=rt.method_state(),
     )
     t0 = time.perf_counter()
     delta: WeightDelta = editor.compute_delta(rt.model, rt.tokenizer, requests, hparams, ctx)

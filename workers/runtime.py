@@ -20,7 +20,9 @@ The runtime keeps, on the model's own device:
 - the fp32 accumulator ``W_0 + Σ ΔW`` of each parameter modified on the current
   chain (``touched_params``);
 - method state that is part of a version besides the weights (:class:`ChainState`;
-  :class:`AuxState` holds WeightDelta ``aux`` tensors, e.g. AlphaEdit's K Kᵀ).
+  :class:`AuxState` holds WeightDelta ``aux`` tensors, e.g. AlphaEdit's K Kᵀ;
+  :class:`ModuleStates` holds non-additive adaptor state, e.g. GRACE's codebook, and
+  installs its adaptor in the model's forward pass).
 
 The ledger is read by the caller; this module sees versions as plain
 :class:`VersionRecord` values and artifacts through an :class:`ArtifactStore`.
@@ -41,7 +43,8 @@ from safetensors.torch import save as st_save
 from transformers.pytorch_utils import Conv1D
 
 from workers.artifacts import ArtifactStore
-from workers.editing.types import DenseUpdate, LowRankUpdate, Update, WeightDelta
+from workers.editing.registry import get_adaptor
+from workers.editing.types import DenseUpdate, LowRankUpdate, ModuleState, Update, WeightDelta
 from workers.models.loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -170,8 +173,9 @@ class ChainState(Protocol):
 
     It is replayed with the deltas, snapshotted with the accumulators and hashed
     under ``prefix + name``. :class:`AuxState` is the additive kind (AlphaEdit's
-    K Kᵀ); a GRACE codebook would be another implementation whose ``apply``/``load``
-    /``reset`` also (re)install its adaptor module on the model.
+    K Kᵀ); :class:`ModuleStates` the replacing kind (GRACE's codebook), whose
+    ``apply``/``restore``/``load``/``reset`` also (re)install its adaptor on the model.
+    ``tensors`` may have any dtype; snapshots keep it.
     """
 
     prefix: str
@@ -227,6 +231,131 @@ class AuxState:
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.values = {k: v.to(device=self.device, dtype=torch.float32) for k, v in tensors.items()}
+
+
+_MODULE_PATH = "module"  # ModuleStates.tensors(): "<name>.module" = utf-8 bytes of the path
+
+
+class ModuleStates:
+    """Non-additive adaptor state (:class:`ModuleState` by adaptor name, e.g. GRACE's
+    codebook ``"grace"``): a version's state of a name is the one set by the latest
+    delta on its chain that sets it — replaced, never summed — so replay, rollback
+    and discard are exact copies.
+
+    While a state exists, the runtime owns one forward hook on its module (registered
+    first, ``prepend=True``, so every other hook sees the served output). The hook
+    reads the *current* state at each call and applies the adaptor
+    (``workers.editing.registry.get_adaptor(name).forward``); with no state (version
+    0, or after a rollback past the first such edit) no hook is left on the model.
+
+    Hash names are ``state:<name>.<tensor>`` plus ``state:<name>.module`` (the module
+    path as utf-8 bytes), so the ledger's ``tensor_sha256`` and snapshots cover where
+    the adaptor sits as well as its tensors.
+    """
+
+    prefix = "state:"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.values: dict[str, ModuleState] = {}
+        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+
+    def _module(self, path: str) -> torch.nn.Module:
+        try:
+            return self.model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"the model has no module {path!r}") from None
+
+    def validate(self, delta: WeightDelta) -> None:
+        for name, state in delta.modules.items():
+            if not state.is_finite():
+                raise ValueError(f"refusing module state {name!r} with non-finite values")
+            get_adaptor(name).validate(state, self._module(state.module))
+
+    def apply(self, delta: WeightDelta) -> None:
+        if not delta.modules:
+            return
+        values = dict(self.values)  # a new dict: checkpoints hold the old one
+        for name, state in delta.modules.items():
+            device = _device_of(self._module(state.module))
+            values[name] = ModuleState(
+                state.module,
+                {k: t.detach().contiguous().to(device).clone() for k, t in state.tensors.items()},
+            )
+        self.values = values
+        self._install()
+
+    def checkpoint(self) -> object:
+        return dict(self.values)
+
+    def restore(self, token: object) -> None:
+        if not isinstance(token, dict):
+            raise TypeError("not a ModuleStates checkpoint")
+        self.values = dict(token)
+        self._install()
+
+    def reset(self) -> None:
+        self.values = {}
+        self._install()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, state in self.values.items():
+            path = torch.frombuffer(bytearray(state.module.encode()), dtype=torch.uint8)
+            out[f"{name}.{_MODULE_PATH}"] = path
+            for key, t in state.tensors.items():
+                out[f"{name}.{key}"] = t
+        return out
+
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        grouped: dict[str, dict[str, torch.Tensor]] = {}
+        for full, t in tensors.items():
+            name, _, key = full.partition(".")
+            grouped.setdefault(name, {})[key] = t
+        values: dict[str, ModuleState] = {}
+        for name, group in grouped.items():
+            path = group.pop(_MODULE_PATH, None)
+            if path is None:
+                raise IntegrityError(f"snapshot module state {name!r} names no module")
+            state = ModuleState(bytes(path.to(torch.uint8).tolist()).decode(), group)
+            self.validate(WeightDelta(method="snapshot", modules={name: state}))
+            values[name] = state
+        self.values = {}
+        self.apply(WeightDelta(method="snapshot", modules=values))
+        self._install()
+
+    # -- the adaptor hooks ----------------------------------------------------------
+    def _install(self) -> None:
+        """Exactly one hook on every module that some current state names."""
+        wanted = {state.module for state in self.values.values()}
+        for path in [p for p in self._hooks if p not in wanted]:
+            self._hooks.pop(path).remove()
+        for path in sorted(wanted - set(self._hooks)):
+            self._hooks[path] = self._module(path).register_forward_hook(
+                self._hook(path), prepend=True
+            )
+
+    def _hook(self, path: str) -> Callable[..., torch.Tensor | None]:
+        def hook(_module: torch.nn.Module, args: tuple, output: object) -> torch.Tensor | None:
+            if not isinstance(output, torch.Tensor) or not args:
+                raise TypeError(f"adaptor on {path}: expected a tensor in and a tensor out")
+            out: torch.Tensor | None = None
+            for name in sorted(self.values):
+                state = self.values[name]
+                if state.module == path:
+                    new = get_adaptor(name).forward(
+                        state.tensors, args[0], output if out is None else out
+                    )
+                    out = new if new is not None else out
+            return out
+
+        return hook
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 # -- results -----------------------------------------------------------------------------
@@ -309,7 +438,7 @@ class ModelRuntime:
         self._hash_cache: dict[str, str] = {}
         self._base_hashes: dict[str, str] | None = None
         self._w0_norm: dict[str, float] = {}
-        self.states: list[ChainState] = [AuxState(self.device)]
+        self.states: list[ChainState] = [AuxState(self.device), ModuleStates(self.model)]
         self._staged: Staged | None = None
         self.current_version: int | None = 0
 
@@ -327,6 +456,23 @@ class ModelRuntime:
     @property
     def aux(self) -> dict[str, torch.Tensor]:
         return self._aux_state().tensors()
+
+    @property
+    def modules(self) -> dict[str, ModuleState]:
+        """The current version's module states by adaptor name (e.g. GRACE's codebook)."""
+        for s in self.states:
+            if isinstance(s, ModuleStates):
+                return dict(s.values)
+        return {}
+
+    def method_state(self) -> dict[str, torch.Tensor | ModuleState]:
+        """What an editor sees as ``EditContext.state``: the aux tensors and the
+        module states by name (the two share one namespace; a clash is an error)."""
+        aux, modules = self.aux, self.modules
+        clash = sorted(set(aux) & set(modules))
+        if clash:
+            raise RuntimeError(f"aux state and module state share the names {clash}")
+        return {**aux, **modules}
 
     def _aux_state(self) -> AuxState:
         for s in self.states:
@@ -661,7 +807,7 @@ class ModelRuntime:
         tensors = {_ACC + n: t.detach().contiguous().cpu() for n, t in self._acc.items()}
         for s in self.states:
             for k, t in s.tensors().items():
-                tensors[s.prefix + k] = t.detach().to(torch.float32).contiguous().cpu()
+                tensors[s.prefix + k] = t.detach().contiguous().cpu()
         # one metadata key: safetensors writes several keys in an arbitrary order,
         # and the snapshot's bytes should be a function of the state alone
         header = {"format": SNAPSHOT_FORMAT, "version": version, "params": sorted(self._acc)}

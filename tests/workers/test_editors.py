@@ -1,5 +1,9 @@
-"""Editor conformance on tiny random models (rome, memit × gpt2, gptj, llama, gpt_neox),
+"""Editor conformance on tiny random models (every method × gpt2, gptj, llama, gpt_neox),
 plus the hyper-parameter module (defaults, overrides, EasyEdit YAML).
+
+A delta is applied the way the service applies it: through a ``ModelRuntime``
+(stage + commit) on a fresh copy of the model, so weight updates and module state
+(GRACE's codebook, applied by the runtime's adaptor hook) are checked alike.
 
 Tiny random models can only be steered through the subject's last token when it is
 the prompt's last token (their attention hardly moves information), so the
@@ -8,6 +12,7 @@ requests here end with the subject.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,9 +20,12 @@ import torch
 from pydantic import ValidationError
 
 from service.hparams import (
+    HPARAMS_CLASSES,
     METHODS,
     EasyEditImportError,
+    GraceHParams,
     MemitHParams,
+    MethodHParams,
     RomeHParams,
     defaults_for,
     hparams_from_easyedit_yaml,
@@ -39,8 +47,9 @@ from workers.editing.common.prompts import RowBuilder
 from workers.editing.common.stats import StatsCache, stats_provider
 from workers.editing.common.targets import _SplitRun
 from workers.editing.common.tokens import PromptError, fill, subject_last_index
-from workers.editing.types import EditContext, EditRequest, WeightDelta
+from workers.editing.types import EditContext, EditRequest, LowRankUpdate, WeightDelta
 from workers.models.profiles import profile_for
+from workers.runtime import ModelRuntime
 
 REQUESTS = [
     EditRequest("The native language of {}", "Picasso", "Russian", "Spanish"),
@@ -49,7 +58,7 @@ REQUESTS = [
 ]
 
 
-def tiny_hparams(method: str, model) -> RomeHParams | MemitHParams:
+def tiny_hparams(method: str, model) -> MethodHParams:
     base = defaults_for(method, model.config.model_type, model.config.num_hidden_layers, 64)
     return with_overrides(base, TINY_OVERRIDES[method])
 
@@ -62,17 +71,22 @@ def tiny_ctx(model, tok, hp, root: Path) -> EditContext:
 
 
 def requests_for(method: str) -> list[EditRequest]:
-    return REQUESTS[:1] if method == "rome" else REQUESTS
+    per_delta = getattr(registry.EDITORS[method], "max_requests_per_delta", None)
+    return REQUESTS[:per_delta] if per_delta else REQUESTS
 
 
-def apply_dense(model, delta: WeightDelta) -> torch.nn.Module:
-    """A fresh copy of ``model`` with ``delta`` added (as the runtime does, in fp32)."""
+def uses_statistics(method: str) -> bool:
+    return "mom2_adjustment" in HPARAMS_CLASSES[method].model_fields
+
+
+def apply_via_runtime(model, delta: WeightDelta) -> tuple[torch.nn.Module, ModelRuntime]:
+    """A fresh copy of ``model`` at version 1 = ``delta``, applied as the service
+    applies it (``ModelRuntime.stage`` + ``commit``: weights and module state)."""
     edited = tiny_model(model.config.model_type)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    for name, d in delta.dense().items():
-        state[name] = (state[name].float() + d).to(state[name].dtype)
-    edited.load_state_dict(state)
-    return edited
+    edited.load_state_dict({k: v.clone() for k, v in model.state_dict().items()})
+    rt = ModelRuntime(edited)
+    rt.commit(rt.stage(delta), 1)
+    return edited, rt
 
 
 def next_token_probs(model, tok, text: str) -> torch.Tensor:
@@ -136,7 +150,7 @@ def test_model_unchanged_and_no_hooks_left(computed, method, kind):
 @pytest.mark.parametrize(("method", "kind"), CASES)
 def test_delta_makes_target_most_likely(computed, tok, method, kind):
     model, _before, delta, _hp = computed(method, kind)
-    edited = apply_dense(model, delta)
+    edited, _rt = apply_via_runtime(model, delta)
     for req in requests_for(method):
         target = tok(" " + req.target_new, add_special_tokens=False)["input_ids"][0]
         before = next_token_probs(model, tok, req.text)
@@ -146,23 +160,39 @@ def test_delta_makes_target_most_likely(computed, tok, method, kind):
 
 
 @pytest.mark.parametrize(("method", "kind"), CASES)
-def test_delta_finite_low_rank_and_round_trips(computed, method, kind):
+def test_delta_finite_on_its_layers_and_round_trips(computed, method, kind):
+    """Whatever a delta carries sits on the hparams' layers: low-rank updates of
+    their MLP output projections with the batch size as rank, module state (GRACE)
+    on those projections; it is finite and survives serialisation bit for bit."""
     model, _before, delta, hp = computed(method, kind)
     profile = profile_for(model)
     assert delta.method == method
     assert delta.is_finite()
-    assert delta.params == [profile.mlp_out_param(layer) for layer in sorted(hp.layers)]
+    assert delta.updates or delta.modules
+    layers = {profile.mlp_out_param(layer) for layer in hp.layers}
+    modules = {profile.mlp_out_module(layer) for layer in hp.layers}
+    assert set(delta.params) <= layers
+    assert {s.module for s in delta.modules.values()} <= modules
+    touched = set(delta.params) | {s.module + ".weight" for s in delta.modules.values()}
+    assert touched == layers
     rank = len(requests_for(method))
     for update in delta.updates:
-        assert update.left.shape[1] == update.right.shape[1] == rank
+        if isinstance(update, LowRankUpdate):
+            assert update.left.shape[1] == update.right.shape[1] == rank
         assert update.dense().shape == model.get_parameter(update.param).shape
     again = WeightDelta.from_bytes(delta.to_bytes())
     first, second = delta.dense(), again.dense()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
-    assert again.meta["context_templates"] == delta.meta["context_templates"]
-    dense, dense_again = delta.dense(), again.dense()
-    assert all(torch.equal(dense[k], dense_again[k]) for k in dense)
+    assert again.modules.keys() == delta.modules.keys()
+    for name, state in delta.modules.items():
+        assert again.modules[name].module == state.module
+        assert again.modules[name].tensors.keys() == state.tensors.keys()
+        for key, t in state.tensors.items():
+            assert again.modules[name].tensors[key].dtype == t.dtype
+            assert torch.equal(again.modules[name].tensors[key], t), (name, key)
+    assert again.meta == json.loads(json.dumps(delta.meta, default=str))
+    assert again.to_bytes() == delta.to_bytes()
 
 
 @pytest.mark.parametrize("kind", TINY_KINDS)
@@ -251,7 +281,7 @@ def test_rome_refuses_a_batch(tok, stats_root):
         )
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [m for m in METHODS if uses_statistics(m)])
 def test_failure_midway_restores_everything(tok, method):
     """A statistics provider that fails after the target optimisation (MEMIT: on its
     second layer, with the first layer's update already patched in)."""
@@ -272,6 +302,29 @@ def test_failure_midway_restores_everything(tok, method):
         registry.get_editor(method).compute_delta(model, tok, requests_for(method), hp, ctx)
     assert changed_tensors(model, before) == []
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_failure_in_the_optimisation_restores_everything(tok, stats_root, method):
+    """A progress callback that raises on its fourth call: inside the target or value
+    optimisation, with the method's temporary hooks installed."""
+    model = tiny_model("llama")
+    hp = tiny_hparams(method, model)
+    ctx = tiny_ctx(model, tok, hp, stats_root)
+    before = state_copy(model)
+    calls = []
+
+    def progress(fraction: float, message: str) -> None:
+        calls.append(message)
+        if len(calls) == 4:
+            raise RuntimeError(f"stopped at {message!r}")
+
+    ctx.progress = progress
+    with pytest.raises(RuntimeError, match="stopped at"):
+        registry.get_editor(method).compute_delta(model, tok, requests_for(method), hp, ctx)
+    assert changed_tensors(model, before) == []
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
 
 
 def test_earlier_loss_layer_reads_through_the_final_norm(tok, stats_root):
@@ -314,7 +367,13 @@ def test_registry_is_explicit_and_checked():
     with pytest.raises(registry.RegistryError, match="duplicate"):
         registry._build([registry.RomeEditor, registry.RomeEditor])
     with pytest.raises(registry.UnknownEditor):
-        registry.get_editor("grace")
+        registry.get_editor("grace-ful")
+    assert list(registry.ADAPTORS) == ["grace"]
+    assert isinstance(registry.get_adaptor("grace"), registry.Adaptor)
+    with pytest.raises(registry.RegistryError, match="duplicate"):
+        registry._build_adaptors([registry.GraceAdaptor, registry.GraceAdaptor])
+    with pytest.raises(registry.UnknownAdaptor):
+        registry.get_adaptor("lora")
 
 
 # -- hyper-parameters ---------------------------------------------------------------------
@@ -333,8 +392,17 @@ def test_defaults_per_architecture():
     assert defaults_for("memit", "gpt2", 48, 6400).layers == (13, 14, 15, 16, 17)
     assert defaults_for("memit", "llama", 32, 11008).layers == (4, 5, 6, 7, 8)
     assert defaults_for("memit", "llama", 4, 64).layers[-1] <= 2  # never the last layer
+    grace = defaults_for("grace", "llama", 30, 1536)
+    assert isinstance(grace, GraceHParams)
+    assert grace.layers == (25,)  # EasyEdit's LLaMA preset (27 of 32) as PEERS.md ran it
+    assert (grace.eps_init, grace.edit_lr, grace.n_iter) == (1.0, 1.0, 50)
+    assert defaults_for("grace", "llama", 32, 11008).layers == (27,)
+    assert defaults_for("grace", "gpt2", 4, 128).layers == (3,)
+    assert not hasattr(grace, "mom2_dataset")  # no statistics: the worker computes none
+    with pytest.raises(ValidationError, match="exactly one layer"):
+        with_overrides(grace, {"layers": [20, 25]})
     with pytest.raises(ValueError, match="unknown method"):
-        defaults_for("grace", "llama", 30, 1536)
+        defaults_for("grace-ful", "llama", 30, 1536)
 
 
 def test_overrides_validate_and_name_bad_keys():

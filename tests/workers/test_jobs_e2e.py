@@ -263,3 +263,106 @@ def test_lost_queue_message_is_recovered_from_the_ledger(
     )
     drain(e2e_settings, redis_conn)
     assert job(client, r.json()["job_id"])["status"] == "succeeded"
+
+
+GRACE_FACTS = [("The native language of {}", "Picasso", "Russian", "Spanish"),
+               ("The capital city of {}", "Toyota", "Athens", "Tokyo"),
+               ("The famous writer {}", "Tolstoy", "Einstein", "Homer")]  # fmt: skip
+
+
+def grace_body(i: int) -> dict[str, Any]:
+    prompt, subject, new, true = GRACE_FACTS[i]
+    return {
+        "method": "grace",
+        "hparams": TINY_OVERRIDES["grace"],
+        "requests": [
+            {"prompt": prompt, "subject": subject, "target_new": new, "target_true": true}
+        ],
+    }
+
+
+def api_generate(client: TestClient, settings: Settings, redis: Redis) -> dict[str, Any]:
+    """Greedy continuations of every GRACE prompt through the API's read path (which
+    waits on the worker: served from another thread while this one drains)."""
+    answers: dict[str, Any] = {}
+
+    def ask() -> None:
+        for prompt, subject, *_ in GRACE_FACTS:
+            text = prompt.format(subject)
+            answers[text] = client.post(
+                f"/v1/models/{MODEL}/generate", json={"prompt": text, "max_new_tokens": 2}
+            )
+
+    t = threading.Thread(target=ask)
+    t.start()
+    deadline = time.monotonic() + 30
+    while t.is_alive() and time.monotonic() < deadline:
+        drain(settings, redis)
+        time.sleep(0.05)
+    t.join(timeout=5)
+    assert len(answers) == len(GRACE_FACTS) and all(a.status_code == 200 for a in answers.values())
+    versions_seen = {a.json()["version"] for a in answers.values()}
+    assert len(versions_seen) == 1
+    return {"version": versions_seen.pop(), **{k: a.json()["text"] for k, a in answers.items()}}
+
+
+def test_grace_edits_and_rollback_through_the_worker_are_exact(
+    client: TestClient, e2e_settings: Settings, redis_conn: Redis
+) -> None:
+    """GRACE through the service: the weights never change, each version records its
+    codebook's hashes, and a rollback restores the codebook (hashes, generations)."""
+    state = start_worker(e2e_settings)
+    base = versions(client)[0]["tensor_sha256"]
+    generated = {0: api_generate(client, e2e_settings, redis_conn)}
+    for i in range(len(GRACE_FACTS)):
+        r = client.post(f"/v1/models/{MODEL}/edits", json=grace_body(i))
+        assert r.status_code == 202, r.text
+        drain(e2e_settings, redis_conn)
+        done = job(client, r.json()["job_id"])
+        assert done["status"] == "succeeded", done
+        assert done["result"]["versions"] == [i + 1]
+        (metrics,) = done["result"]["metrics"].values()
+        assert metrics["efficacy"] == 1.0, metrics
+        assert metrics["logprobs"]["rewrite"]["new"][0] > -0.7, metrics  # p > 0.5
+        generated[i + 1] = api_generate(client, e2e_settings, redis_conn)
+        assert generated[i + 1]["version"] == i + 1
+    vs = versions(client)
+    for v in vs[1:4]:
+        assert v["method"] == "grace" and v["drift"] == {} and v["update_norm"] == 0.0
+        assert sorted(v["tensor_sha256"]) == [
+            f"state:grace.{k}" for k in ("keys", "labels", "module", "radii", "values")
+        ]
+    assert len({v["tensor_sha256"]["state:grace.keys"] for v in vs[1:4]}) == 3
+    # each edit shows in the generations from its version on; the weights never moved
+    for i, (prompt, subject, new, _true) in enumerate(GRACE_FACTS):
+        text = prompt.format(subject)
+        assert generated[0][text].split()[0] != new
+        assert all(generated[n][text].split()[0] == new for n in range(i + 1, 4)), (i, generated)
+    assert state.runtime.tensor_hashes(sorted(base)) == base
+
+    # rollback to 1, then to 0: the codebook of the target, bit for bit
+    for target, number in ((1, 4), (0, 5)):
+        r = client.post(f"/v1/models/{MODEL}/rollback", json={"to_version": target})
+        assert r.status_code == 202, r.text
+        drain(e2e_settings, redis_conn)
+        assert job(client, r.json()["job_id"])["status"] == "succeeded"
+        row = versions(client)[-1]
+        assert (row["number"], row["kind"], row["parent_number"]) == (number, "rollback", target)
+        state_hashes = {k: v for k, v in row["tensor_sha256"].items() if k.startswith("state:")}
+        want = {k: v for k, v in vs[target]["tensor_sha256"].items() if k.startswith("state:")}
+        assert state_hashes == want and (target > 0) == bool(want)
+        after = api_generate(client, e2e_settings, redis_conn)
+        assert after["version"] == number
+        assert {k: v for k, v in after.items() if k != "version"} == {
+            k: v for k, v in generated[target].items() if k != "version"
+        }
+        # a worker started now rebuilds the same codebook and serves the same text
+        restarted = start_worker(e2e_settings)
+        assert restarted.runtime.current_version == number
+        assert restarted.runtime.tensor_hashes(sorted(state_hashes)) == state_hashes
+        assert set(restarted.runtime.modules) == ({"grace"} if target else set())
+    statuses = [
+        e["status"]
+        for e in client.get(f"/v1/models/{MODEL}/edits", params={"limit": 100}).json()["items"]
+    ]
+    assert statuses == ["reverted"] * 3

@@ -4,20 +4,28 @@ The id is the same string in the API, the hparams (``service.hparams.METHODS``),
 ledger and the metrics. Adding a method: write ``editing/<id>.py`` with an
 ``Editor`` class, add it to ``_EDITOR_CLASSES`` and its hparams to
 ``service/hparams.py``.
+
+Adaptors (``ADAPTORS``) are the forward-pass changes that non-additive method state
+needs (a :class:`~workers.editing.types.ModuleState` in a delta's ``modules``, by
+adaptor name): the runtime validates the state with the adaptor and installs its
+``forward`` as a hook on the state's module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Protocol, runtime_checkable
 
+import torch
 from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.hparams import METHODS
+from workers.editing.common.codebook import GraceAdaptor
+from workers.editing.grace import GraceEditor
 from workers.editing.memit import MemitEditor
 from workers.editing.rome import RomeEditor
-from workers.editing.types import EditContext, EditRequest, WeightDelta
+from workers.editing.types import EditContext, EditRequest, ModuleState, WeightDelta
 
 
 @runtime_checkable
@@ -52,8 +60,45 @@ def _build(classes: Sequence[type]) -> dict[str, type]:
     return out
 
 
-_EDITOR_CLASSES: tuple[type, ...] = (RomeEditor, MemitEditor)
+_EDITOR_CLASSES: tuple[type, ...] = (RomeEditor, MemitEditor, GraceEditor)
 EDITORS: dict[str, type] = _build(_EDITOR_CLASSES)
+
+
+@runtime_checkable
+class Adaptor(Protocol):
+    """Applies a named :class:`ModuleState` in the forward pass of its module."""
+
+    name: ClassVar[str]
+
+    def validate(self, state: ModuleState, module: torch.nn.Module) -> None: ...
+
+    def forward(
+        self, tensors: Mapping[str, torch.Tensor], inputs: torch.Tensor, output: torch.Tensor
+    ) -> torch.Tensor | None: ...
+
+
+def _build_adaptors(classes: Sequence[type]) -> dict[str, Adaptor]:
+    out: dict[str, Adaptor] = {}
+    for cls in classes:
+        if cls.name in out:
+            raise RegistryError(f"duplicate adaptor name {cls.name!r}")
+        out[cls.name] = cls()
+    return out
+
+
+_ADAPTOR_CLASSES: tuple[type, ...] = (GraceAdaptor,)
+ADAPTORS: dict[str, Adaptor] = _build_adaptors(_ADAPTOR_CLASSES)
+
+
+class UnknownAdaptor(ValueError):
+    pass
+
+
+def get_adaptor(name: str) -> Adaptor:
+    try:
+        return ADAPTORS[name]
+    except KeyError:
+        raise UnknownAdaptor(f"unknown module state {name!r}; known: {list(ADAPTORS)}") from None
 
 
 class UnknownEditor(KeyError):

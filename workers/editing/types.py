@@ -71,6 +71,28 @@ class DenseUpdate:
 Update = LowRankUpdate | DenseUpdate
 
 
+@dataclass
+class ModuleState:
+    """Non-additive method state of one adaptor on one module (GRACE's codebook).
+
+    ``module`` is the path of the module whose forward the adaptor changes (e.g.
+    ``model.layers.25.mlp.down_proj``); ``tensors`` are the adaptor's named tensors
+    (GRACE: ``keys [m, d_in]``, ``values [m, d_out]``, ``radii [m]``, ``labels [m, T]``).
+    A delta that carries a module state *sets* it: a version's state is the one set
+    by the latest delta on its chain that sets it (replace, not add), so replay and
+    rollback reproduce it exactly. The runtime installs the adaptor named by the
+    state's key in ``WeightDelta.modules`` (``workers/editing/registry.py:ADAPTORS``).
+    """
+
+    module: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def is_finite(self) -> bool:
+        return all(
+            bool(torch.isfinite(t).all()) for t in self.tensors.values() if t.is_floating_point()
+        )
+
+
 def low_rank_dense(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """left @ rightᵀ computed in a fixed order, so that the result is bit-identical
     whatever the thread count or BLAS: a sum of rank-one outer products, accumulated
@@ -93,14 +115,17 @@ class WeightDelta:
 
     ``updates`` are applied in order; two updates may name the same parameter.
     ``aux`` holds additive method state that is part of the model's version
-    (e.g. AlphaEdit's accumulated K Kᵀ); ``meta`` is JSON-serialisable
-    bookkeeping (method, layers, optimisation losses, timings).
+    (e.g. AlphaEdit's accumulated K Kᵀ); ``modules`` holds non-additive adaptor
+    state by adaptor name (:class:`ModuleState`, e.g. ``"grace"``: the whole
+    codebook after this delta); ``meta`` is JSON-serialisable bookkeeping (method,
+    layers, optimisation losses, timings).
     """
 
     method: str
     updates: list[Update] = field(default_factory=list)
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    modules: dict[str, ModuleState] = field(default_factory=dict)
 
     @property
     def params(self) -> list[str]:
@@ -121,7 +146,8 @@ class WeightDelta:
         tensors: list[torch.Tensor] = list(self.aux.values())
         for u in self.updates:
             tensors += [u.left, u.right] if isinstance(u, LowRankUpdate) else [u.delta]
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+        return finite and all(m.is_finite() for m in self.modules.values())
 
     def norm(self) -> float:
         """Frobenius norm of the whole update (all parameters together)."""
@@ -145,6 +171,13 @@ class WeightDelta:
                 layout.append({"kind": "dense", "param": u.param})
         for name, t in self.aux.items():
             tensors[f"aux.{name}"] = t.detach().to(torch.float32).contiguous().cpu()
+        # module states keep their dtypes (GRACE's labels are token ids)
+        modules: dict[str, dict[str, Any]] = {}
+        for name, state in self.modules.items():
+            _check_state_name(name)
+            modules[name] = {"module": state.module, "tensors": sorted(state.tensors)}
+            for key, t in state.tensors.items():
+                tensors[f"mod.{name}.{key}"] = t.detach().contiguous().cpu()
         # one metadata key holding sorted JSON: safetensors does not keep the order
         # of several keys, and the blob's bytes (its sha256 names the file) must
         # not depend on it
@@ -154,6 +187,8 @@ class WeightDelta:
             "updates": layout,
             "meta": self.meta,
         }
+        if modules:  # absent otherwise: deltas without module state keep their bytes
+            header["modules"] = modules
         metadata = {"memedit": json.dumps(header, sort_keys=True, default=str)}
         return st_save(tensors, metadata=metadata)
 
@@ -176,7 +211,20 @@ class WeightDelta:
             else:
                 updates.append(DenseUpdate(entry["param"], tensors[f"u{i}.delta"]))
         aux = {k[4:]: v for k, v in tensors.items() if k.startswith("aux.")}
-        return cls(method=header["method"], updates=updates, aux=aux, meta=header["meta"])
+        modules = {
+            name: ModuleState(
+                module=entry["module"],
+                tensors={key: tensors[f"mod.{name}.{key}"] for key in entry["tensors"]},
+            )
+            for name, entry in (header.get("modules") or {}).items()
+        }
+        return cls(
+            method=header["method"],
+            updates=updates,
+            aux=aux,
+            meta=header["meta"],
+            modules=modules,
+        )
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_bytes()).hexdigest()
@@ -190,15 +238,17 @@ class EditContext:
     lives as long as the worker's model does. ``stats_provider(layer_param) -> C``
     returns the uncentred second moment E[k kᵀ] of that layer's input keys, computing
     and caching it on first use. ``progress(fraction, message)`` reports progress.
-    ``state`` is the method state of the model's current version (the chain's summed
-    ``WeightDelta.aux`` tensors by name, e.g. AlphaEdit's accumulated K Kᵀ); an editor
-    reads it and returns only its own increment in ``aux``.
+    ``state`` is the method state of the model's current version: the chain's summed
+    ``WeightDelta.aux`` tensors by name (e.g. AlphaEdit's accumulated K Kᵀ; an editor
+    returns only its own increment in ``aux``) and the current :class:`ModuleState`
+    of each adaptor by its name (e.g. ``"grace"``; an editor returns the whole new
+    state in ``modules``).
     """
 
     device: torch.device | str = "cpu"
     cache: dict[str, Any] = field(default_factory=dict)
     stats_provider: Callable[[str], torch.Tensor] | None = None
-    state: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    state: Mapping[str, torch.Tensor | ModuleState] = field(default_factory=dict)
     progress: Callable[[float, str], None] = lambda fraction, message: None
     seed: int = 0
 
@@ -209,6 +259,13 @@ class EditContext:
                 "but no statistics provider was configured"
             )
         return self.stats_provider(param)
+
+
+def _check_state_name(name: str) -> None:
+    """Module state names become tensor-name prefixes (``mod.<name>.<tensor>``,
+    ``state:<name>.<tensor>``): no dots, no colons."""
+    if not name or "." in name or ":" in name:
+        raise ValueError(f"module state name {name!r} must be non-empty, without '.' or ':'")
 
 
 def requests_from_dicts(items: Sequence[Mapping[str, Any]]) -> list[EditRequest]:
