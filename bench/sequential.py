@@ -24,7 +24,9 @@ records' unedited scores beside them); retention: the fraction of all edits so f
 whose target_new still beats target_true on its rewrite prompt, and the case_ids
 that no longer do; the drift ‖W − W₀‖_F / rows of every edited parameter
 (``ModelRuntime.drift``, Gupta et al. 2024); the update norm of each delta; seconds
-per edit (``compute_delta`` only) and, separately, the evaluation time; peak RSS.
+per edit (``compute_delta`` only: wall clock, and this process's CPU time, which other
+work on a shared machine does not inflate at one thread) and, separately, the
+evaluation time; peak RSS (of the whole process, statistics included).
 Scoring is batched (``paired_target_logprobs``: one input serves both targets) and
 retention scores rewrite prompts only.
 
@@ -383,7 +385,8 @@ def run_sequential(
             echo(
                 f"{name}: {processed}/{len(records)} edits, window ES {_fmt(ckpt['efficacy'])} "
                 f"PS {_fmt(ckpt['paraphrase'])} NS {_fmt(ckpt['neighborhood'])}, retention "
-                f"{_fmt(ckpt['retention'])}, {_fmt(ckpt['s_per_edit'], 2)} s/edit, "
+                f"{_fmt(ckpt['retention'])}, {_fmt(ckpt['s_per_edit'], 2)} s/edit "
+                f"({_fmt(ckpt['cpu_s_per_edit'], 2)} CPU s), "
                 f"eval {ckpt['eval_s']:.1f} s"
             )
             if bi == len(batches) - 1:
@@ -432,6 +435,7 @@ def _apply_batch(
         "case_ids": [r["case_id"] for r in batch],
         "applied": [],
         "compute_s": 0.0,
+        "compute_cpu_s": 0.0,
         "apply_s": 0.0,
         "update_norms": [],
         "rejected": [],
@@ -439,15 +443,17 @@ def _apply_batch(
     for start in range(0, len(batch), size):
         group = batch[start : start + size]
         ids = [r["case_id"] for r in group]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             delta = editor.compute_delta(model, tok, [request_of(r) for r in group], hp, context())
         except EditError as exc:
             entry["compute_s"] += time.perf_counter() - t0
+            entry["compute_cpu_s"] += time.process_time() - c0
             entry["rejected"].append({"case_ids": ids, "reason": f"EditError: {exc}"})
             continue
         t1 = time.perf_counter()
         entry["compute_s"] += t1 - t0
+        entry["compute_cpu_s"] += time.process_time() - c0
         try:
             staged = runtime.stage(delta)
         except ValueError as exc:  # the runtime refuses non-finite or misshapen deltas
@@ -459,6 +465,7 @@ def _apply_batch(
         entry["update_norms"].append(staged.update_norm)
         entry["applied"] += ids
     entry["compute_s"] = round(entry["compute_s"], 4)
+    entry["compute_cpu_s"] = round(entry["compute_cpu_s"], 4)
     entry["apply_s"] = round(entry["apply_s"], 4)
     return entry
 
@@ -481,6 +488,7 @@ def _checkpoint(
     holds = {c: (full[c] if c in win_set else rewrite[c])["efficacy"] == 1.0 for c in applied}
     edits = sum(len(b["case_ids"]) for b in window)
     compute_s = sum(b["compute_s"] for b in window)
+    cpu_s = sum(b.get("compute_cpu_s", 0.0) for b in window)
     norms = [x for b in window for x in b["update_norms"]]
     drift = runtime.drift()
     ckpt: dict[str, Any] = {
@@ -502,6 +510,7 @@ def _checkpoint(
         compute_s=round(compute_s, 3),
         apply_s=round(sum(b["apply_s"] for b in window), 3),
         s_per_edit=compute_s / edits if edits else None,
+        cpu_s_per_edit=cpu_s / edits if edits else None,
     )
     return ckpt
 
@@ -566,13 +575,23 @@ def summary(log: dict[str, Any]) -> dict[str, Any]:
         count += c["window_edits"]
     forgotten = set(last.get("forgotten_case_ids", []))
     last_ids = applied[-LAST:]
-    per_batch = [
-        (sum(len(b["case_ids"]) for b in log["batches"][: i + 1]), b["compute_s"] / len(b["case_ids"]))
-        for i, b in enumerate(log["batches"])
-    ]  # fmt: skip
-    edits = per_batch[-1][0] if per_batch else 0
-    first = [s for e, s in per_batch if e <= max(LAST, per_batch[0][0])] if per_batch else []
-    end = [s for e, s in per_batch if e > edits - LAST] if per_batch else []
+    ends, edits = [], 0
+    for b in log["batches"]:
+        edits += len(b["case_ids"])
+        ends.append(edits)
+    # batches within the first / the last LAST edits (at least one batch each)
+    first = [i for i, e in enumerate(ends) if e <= max(LAST, ends[0])] if ends else []
+    end = [i for i, e in enumerate(ends) if e > edits - LAST]
+
+    def median_per_edit(idx: list[int], key: str) -> float | None:
+        vals = [log["batches"][i].get(key) for i in idx]
+        per = [
+            v / len(log["batches"][i]["case_ids"])
+            for i, v in zip(idx, vals, strict=True)
+            if v is not None
+        ]
+        return statistics.median(per) if per else None
+
     drift = last.get("drift") or {}
     return {
         "run": log["run"],
@@ -591,8 +610,10 @@ def summary(log: dict[str, Any]) -> dict[str, Any]:
             sum(c not in forgotten for c in last_ids) / len(last_ids) if last_ids and ckpts else None
         ),
         "max_drift": max(drift.values()) if drift else None,
-        "s_per_edit_start": statistics.median(first) if first else None,
-        "s_per_edit_end": statistics.median(end) if end else None,
+        "s_per_edit_start": median_per_edit(first, "compute_s"),
+        "s_per_edit_end": median_per_edit(end, "compute_s"),
+        "cpu_s_per_edit_start": median_per_edit(first, "compute_cpu_s"),
+        "cpu_s_per_edit_end": median_per_edit(end, "compute_cpu_s"),
         "eval_s": sum(c["eval_s"] for c in ckpts),
         "peak_rss_gb": last.get("peak_rss_gb"),
     }  # fmt: skip
@@ -602,10 +623,10 @@ def table(logs: Sequence[dict[str, Any]]) -> str:
     """Markdown: per run the edits done, the final window's ES/PS/NS (unedited in
     brackets), efficacy of the last 100 edits (scored after their window / at the
     end), final retention, the largest drift, median s/edit over the first and the
-    last 100 edits, evaluation time and peak RSS."""
+    last 100 edits (CPU seconds in brackets), evaluation time and peak RSS."""
     lines = [
         "| run | edits | final window ES | PS | NS | ES last 100 (at edit / at end) "
-        "| retention | max drift | s/edit first → last 100 | eval | peak RSS |",
+        "| retention | max drift | s/edit first → last 100 (CPU s) | eval | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for log in logs:
@@ -621,6 +642,7 @@ def table(logs: Sequence[dict[str, Any]]) -> str:
             f"| {_fmt(s['last_efficacy_at_edit'], 2)} / {_fmt(s['last_efficacy_at_end'], 2)} "
             f"| {_fmt(s['retention'], 2)} | {_fmt(s['max_drift'], 4)} "
             f"| {_fmt(s['s_per_edit_start'], 2)} → {_fmt(s['s_per_edit_end'], 2)} "
+            f"({_fmt(s['cpu_s_per_edit_start'], 2)} → {_fmt(s['cpu_s_per_edit_end'], 2)}) "
             f"| {s['eval_s']:.1f} s | {_fmt(s['peak_rss_gb'], 2)} GB |"
         )
     return "\n".join(lines)
@@ -631,7 +653,8 @@ PLOTS = (
     ("paraphrase", "paraphrase (PS) of the last window"),
     ("neighborhood", "neighbourhood (NS) of the last window"),
     ("retention", "retention: earlier edits still holding"),
-    ("s_per_edit", "seconds per edit (compute only)"),
+    ("s_per_edit", "seconds per edit (compute only, wall clock)"),
+    ("cpu_s_per_edit", "CPU seconds per edit (compute only, this process)"),
     ("update_norm_max", "largest update norm in the window"),
 )
 _LINESTYLES = ("-", "--", ":", "-.")
@@ -671,7 +694,7 @@ def plot_logs(out_dir: Path, logs: Sequence[dict[str, Any]] | None = None) -> li
                            label=f"unedited, first {g['n']} records")  # fmt: skip
         if key == "update_norm_max":
             ax.set_yscale("log")
-        elif key != "s_per_edit":
+        elif not key.endswith("s_per_edit"):
             ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("number of edits")
         ax.set_title(title)

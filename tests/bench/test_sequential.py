@@ -120,6 +120,9 @@ def test_run_logs_every_checkpoint_and_plots(method: str, tmp_path: Path, capsys
         applied += b["applied"]
         assert set(c["drift"]) == edited and all(v > 0 for v in c["drift"].values())
         assert c["s_per_edit"] == pytest.approx(b["compute_s"] / 2)
+        assert (
+            c["cpu_s_per_edit"] == pytest.approx(b["compute_cpu_s"] / 2) and b["compute_cpu_s"] > 0
+        )
         assert c["eval_s"] > 0 and c["peak_rss_gb"] > 0
         assert c["update_norm_max"] == max(b["update_norms"])
         assert set(c["forgotten_case_ids"]) <= set(applied)
