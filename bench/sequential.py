@@ -349,6 +349,7 @@ def run_sequential(
     t0 = time.perf_counter()
     editor.compute_delta(model, tok, [request_of(records[0])], hp, context())
     log["setup"]["warmup_s"] = round(time.perf_counter() - t0, 3)
+    log["setup"]["peak_rss_after_setup_gb"] = round(_peak_rss_gb(), 3)
 
     done = len(log["batches"])
     if done:
@@ -403,7 +404,10 @@ def run_sequential(
                     )
             _write_json(log_path, log)
             if previous and previous["path"] != saved["path"]:
-                (store.root / previous["path"]).unlink(missing_ok=True)
+                old = store.root / previous["path"]
+                old.unlink(missing_ok=True)
+                if not any(old.parent.iterdir()):
+                    old.parent.rmdir()
             if log["status"] != "running":
                 break
     except BaseException as exc:
@@ -689,14 +693,21 @@ def plot_logs(out_dir: Path, logs: Sequence[dict[str, Any]] | None = None) -> li
             if pts:
                 ax.plot(*zip(*pts, strict=True), **style(g))
         if key in ("efficacy", "paraphrase", "neighborhood"):
-            for g in logs[:1]:
-                ax.axhline(g["unedited"][key], color="grey", linewidth=0.8, linestyle="--",
-                           label=f"unedited, first {g['n']} records")  # fmt: skip
+            # each window's records unedited, thin and dotted in the run's colour
+            for g in logs:
+                pts = [(c["edits"], c[f"unedited_{key}"]) for c in g["checkpoints"]
+                       if c.get(f"unedited_{key}") is not None]  # fmt: skip
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), color=style(g)["color"], linestyle=":",
+                            linewidth=0.8, alpha=0.7)  # fmt: skip
+            if logs:
+                ax.plot([], [], color="grey", linestyle=":", label="the same records unedited")
         if key == "update_norm_max":
             ax.set_yscale("log")
         elif not key.endswith("s_per_edit"):
             ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("number of edits")
+        ax.set_xlim(left=0)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -715,6 +726,7 @@ def plot_logs(out_dir: Path, logs: Sequence[dict[str, Any]] | None = None) -> li
         m = _LAYER.search(param)
         ax.set_title(f"layer {m.group(1)}" if m else param, fontsize=9)
         ax.set_xlabel("number of edits", fontsize=8)
+        ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(params) :]:
         ax.axis("off")
