@@ -311,10 +311,13 @@ def run_sequential(
             "elapsed_s": 0.0,
         }
     elapsed_before = float(log["elapsed_s"])
+    setup: dict[str, Any] = log["setup"]  # a resumed invocation logs its own setup
     if resuming:
+        setup = {}
         log.setdefault("resumed", []).append(
             {"at_edits": sum(len(b["case_ids"]) for b in log["batches"]),
-             "after": log["status"], "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+             "after": log["status"], "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "threads": torch.get_num_threads(), "info": info or {}, "setup": setup}
         )  # fmt: skip
     log["status"] = "running"
     for key in ("cut_reason", "error"):
@@ -331,10 +334,10 @@ def run_sequential(
         if getattr(hp, "mom2_adjustment", False):
             t0 = time.perf_counter()
             provider(params[0])  # on the base weights; not part of the edit time
-            log["setup"]["stats_s"] = round(time.perf_counter() - t0, 3)
+            setup["stats_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     unedited = unedited_scores(model, tok, records, out_dir / "unedited.json", fingerprint)
-    log["setup"]["unedited_eval_s"] = round(time.perf_counter() - t0, 3)
+    setup["unedited_eval_s"] = round(time.perf_counter() - t0, 3)
     log["unedited"] = {
         key: _mean([unedited[r["case_id"]][key] for r in records])
         for key in ("efficacy", "paraphrase", "neighborhood")
@@ -348,8 +351,8 @@ def run_sequential(
     # request, delta discarded, so that the first batch is timed like the others
     t0 = time.perf_counter()
     editor.compute_delta(model, tok, [request_of(records[0])], hp, context())
-    log["setup"]["warmup_s"] = round(time.perf_counter() - t0, 3)
-    log["setup"]["peak_rss_after_setup_gb"] = round(_peak_rss_gb(), 3)
+    setup["warmup_s"] = round(time.perf_counter() - t0, 3)
+    setup["peak_rss_after_setup_gb"] = round(_peak_rss_gb(), 3)
 
     done = len(log["batches"])
     if done:
@@ -417,7 +420,7 @@ def run_sequential(
         log["error"] = f"{type(exc).__name__}: {exc}"
         _write_json(log_path, log)
         raise
-    log["setup"]["peak_rss_gb"] = round(_peak_rss_gb(), 3)
+    setup["peak_rss_gb"] = round(_peak_rss_gb(), 3)
     _write_json(log_path, log)
     return log
 

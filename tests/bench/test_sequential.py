@@ -187,6 +187,7 @@ def test_max_minutes_cuts_and_resume_finishes_like_an_uncut_run(tmp_path: Path) 
     # a fresh model (as a new process has): the state comes from the snapshot
     model, _, done = _run("memit", out, tmp_path, resume=True)
     assert done["status"] == "complete" and done["resumed"][0]["after"] == "cut"
+    assert done["resumed"][0]["setup"]["warmup_s"] > 0 and done["setup"] == cut["setup"]
     assert [c["edits"] for c in done["checkpoints"]] == [2, 4, 6]
     for a, b in zip(whole["checkpoints"], done["checkpoints"], strict=True):
         assert a["drift"] == pytest.approx(b["drift"], rel=1e-6)
