@@ -27,7 +27,12 @@ from transformers import (
 )
 
 from workers.editing.types import EditRequest
-from workers.evaluation.scoring import counterfact_scores, generate, target_logprobs
+from workers.evaluation.scoring import (
+    counterfact_scores,
+    generate,
+    paired_target_logprobs,
+    target_logprobs,
+)
 
 BOS, EOS, VOCAB = 256, 257, 258
 
@@ -251,6 +256,57 @@ def test_generate_stops_at_eos() -> None:
         assert generate(model, tok, "Hello", 10) == ""
     finally:
         handle.remove()
+
+
+@ARCHS
+def test_paired_target_logprobs_equal_target_logprobs(arch: str) -> None:
+    model, tok = tiny_model(arch), byte_tokenizer()
+    prompts = PROMPTS * 2
+    # one-token pairs, a shared prefix ("Rome" / "Rome and Milan"), different lengths
+    a = TARGETS + ["Rome", "a", "b", "Apple", "Spain"]
+    b = TARGETS[::-1] + ["Rome and Milan", "b", "a", "Apple", "Spain and Portugal"]
+    want = list(
+        zip(
+            target_logprobs(model, tok, prompts, a),
+            target_logprobs(model, tok, prompts, b),
+            strict=True,
+        )
+    )
+    for bs in (1, 3, 64):
+        got = paired_target_logprobs(model, tok, prompts, a, b, batch_size=bs)
+        assert [x for pair in got for x in pair] == pytest.approx(
+            [x for pair in want for x in pair], abs=1e-5
+        )
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward takes no ``logits_to_keep`` (the full-logits path)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):  # noqa: ANN201
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_paired_target_logprobs_share_inputs_and_work_without_logits_to_keep() -> None:
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: rows.append(int(kwargs["input_ids"].shape[0])), with_kwargs=True
+    )
+    # byte tokens: " a" and " b" share " ", "Rome" is a prefix of "Rome and Milan"
+    prompts = ["Toko Yasuda, the", "x", "Apple A5 was created by"]
+    a, b = ["a", "Rome", "Paris"], ["b", "Rome and Milan", "Spain"]
+    got = paired_target_logprobs(model, tok, prompts, a, b)
+    handle.remove()
+    assert sum(rows) == 4  # one input each for the first two prompts, two for the third
+    plain = paired_target_logprobs(_NoLogitsToKeep(model), tok, prompts, a, b, batch_size=2)
+    assert [x for p in plain for x in p] == pytest.approx([x for p in got for x in p], abs=1e-5)
+    with pytest.raises(ValueError, match="targets"):
+        paired_target_logprobs(model, tok, prompts, a, b[:2])
+    assert paired_target_logprobs(model, tok, [], [], []) == []
 
 
 # -- the real model ---------------------------------------------------------------------

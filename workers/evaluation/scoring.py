@@ -16,6 +16,7 @@ The definitions are CounterFact's ``test_batch_prediction`` and
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -177,3 +178,84 @@ def generate(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int)
     if full_text.startswith(prompt_text):
         return full_text[len(prompt_text) :]
     return tok.decode(new_ids, skip_special_tokens=True)
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def paired_target_logprobs(
+    model: torch.nn.Module,
+    tok: Any,
+    prompts: Sequence[str],
+    targets_a: Sequence[str],
+    targets_b: Sequence[str],
+    batch_size: int = 64,
+) -> list[tuple[float, float]]:
+    """``(lp(p, a), lp(p, b))`` for each prompt: the values :func:`target_logprobs`
+    gives, computed with about half its forward passes (for scoring many edits).
+
+    Target token j of ``p + t`` is read at position n_p + j − 1, which sees only the
+    prompt and t_1…t_{j−1} (causal attention). So one input ``p + s`` serves every
+    target t whose t_1…t_{m−1} is a prefix of s: a one-token target needs the prompt
+    alone, and both targets of a prompt usually share one input. Inputs are sorted by
+    length before batching (little padding), and models that accept
+    ``logits_to_keep`` compute the LM head only from the first position read.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if not len(prompts) == len(targets_a) == len(targets_b):
+        raise ValueError(f"{len(prompts)} prompts, {len(targets_a)} and {len(targets_b)} targets")
+    pairs_a = encode_pairs(tok, prompts, targets_a)
+    pairs_b = encode_pairs(tok, prompts, targets_b)
+    seqs: list[list[int]] = []  # input ids
+    reads: list[tuple[int, int, list[int]]] = []  # per target: (input, n_p, target ids)
+    for (p_ids, a_ids), (_, b_ids) in zip(pairs_a, pairs_b, strict=True):
+        mine: list[int] = []  # this prompt's inputs (indices into seqs)
+        read_of: dict[int, tuple[int, int, list[int]]] = {}
+        for which, t_ids in sorted(enumerate((a_ids, b_ids)), key=lambda x: -len(x[1])):
+            need = t_ids[:-1]
+            found = next((i for i in mine if seqs[i][len(p_ids) :][: len(need)] == need), None)
+            if found is None:
+                found = len(seqs)
+                seqs.append(p_ids + need)
+                mine.append(found)
+            read_of[which] = (found, len(p_ids), t_ids)
+        reads += [read_of[0], read_of[1]]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    device = _device(model)
+    pad = _pad_id(tok)
+    keep = _accepts_logits_to_keep(model)
+    # per input: the log-softmax rows from its first read position on, and that position
+    rows_of: dict[int, tuple[int, torch.Tensor]] = {}
+    first_read: dict[int, int] = {}
+    for i, n_p, _ in reads:
+        first_read[i] = min(first_read.get(i, n_p - 1), n_p - 1)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(seqs[i]) for i in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, i in enumerate(chunk):
+                ids[r, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
+                mask[r, : len(seqs[i])] = 1
+            offset = min(first_read[i] for i in chunk) if keep else 0
+            kwargs = {"logits_to_keep": width - offset} if keep else {}
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+            for r, i in enumerate(chunk):
+                lo = first_read[i] - offset
+                rows = logits.logits[r, lo : len(seqs[i]) - offset].float()
+                rows_of[i] = (first_read[i], F.log_softmax(rows, dim=-1))
+    values: list[float] = []
+    for i, n_p, t_ids in reads:
+        first, logp = rows_of[i]
+        lo = n_p - 1 - first
+        picked = logp[lo : lo + len(t_ids)].gather(
+            1, torch.tensor(t_ids, device=logp.device)[:, None]
+        )
+        values.append(float(picked.double().mean()))
+    return list(zip(values[0::2], values[1::2], strict=True))
