@@ -72,7 +72,7 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
     from workers.editing.registry import get_editor
     from workers.editing.types import EditContext, EditRequest
     from workers.evaluation.scoring import counterfact_scores
-    from workers.models.loading import load_model
+    from workers.models.loading import load_model, weights_fingerprint
     from workers.models.profiles import profile_for
     from workers.runtime import ModelRuntime
 
@@ -105,7 +105,8 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
         _, method, batch, batches = next(c for c in CONFIGS if c[0] == name)
         hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
         params = [profile.mlp_out_param(layer) for layer in hp.layers]
-        cache = StatsCache(stats_dir or CACHE / "stats", "bench-smollm2")
+        # the worker's cache: keyed by the base weights' fingerprint
+        cache = StatsCache(stats_dir or CACHE / "stats", weights_fingerprint(model))
         provide = stats_provider(cache, model, tok, params, hp.mom2_dataset,
                                  hp.mom2_n_samples, hp.mom2_sample_tokens)  # fmt: skip
         provide(params[0])  # statistics are not part of the edit time
