@@ -121,4 +121,8 @@ TINY_OVERRIDES = {
     "memit": {"v_weight_decay": 0.0, "clamp_norm_factor": 100.0, "v_prob_threshold": 0.6,
               "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40,
               "mom2_update_weight": 1.0, "layers": [0, 1, 2]},
+    # fine-tuning: the tiny weights are ~N(0, 0.3), so Adam steps of 5e-4 (and FT-C's
+    # ε, tuned on SmolLM2) barely move them; FT-C's ε still binds here (test_ft.py)
+    "ft_l": {"lr": 0.05, "num_steps": 60, "stop_prob": 0.6},
+    "ft_c": {"lr": 0.05, "num_steps": 60, "stop_prob": 0.6, "norm_constraint": 0.3},
 }  # fmt: skip
