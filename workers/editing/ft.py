@@ -14,12 +14,12 @@ FT-L and this one FT-M); ROME's own FT baseline (kmeng01/rome
 
 - **FT-L** leaves ΔW free. Defaults: one layer at 21/32 of the depth, 25 steps, lr
   5e-4, no weight decay (EasyEdit ``hparams/FT/llama-7b.yaml``).
-- **FT-C** (Meng et al. 2022, ROME §4 "FT+L", after Zhu et al. 2020, "Modifying
-  memories in transformer models") keeps ‖ΔW‖∞ ≤ ε by clamping every entry of ΔW to
-  [−ε, ε] after each Adam step (a Euclidean projection onto the L∞ ball). ROME's
-  presets (kmeng01/rome ``hparams/FT/*_constr.json``): ε = 5e-4 for GPT-2 XL, 1e-3
-  GPT-2 large, 2e-3 GPT-2 medium, 5e-5 GPT-J; our default is measured on SmolLM2
-  (``docs/editing.md``).
+- **FT-C** (the "FT+L" baseline of Meng et al. 2022, ROME; after Zhu et al. 2020,
+  "Modifying memories in transformer models") keeps ‖ΔW‖∞ ≤ ε by clamping every entry
+  of ΔW to [−ε, ε] after each Adam step (a Euclidean projection onto the L∞ ball).
+  ROME's presets (kmeng01/rome ``hparams/FT/*_constr.json``) tune layer 0 with ε = 5e-4
+  for GPT-2 XL, 1e-3 GPT-2 large, 2e-3 GPT-2 medium, 5e-5 GPT-J; our default, layer 0
+  and ε = 2e-3, is measured on SmolLM2 (``docs/editing.md``).
 
 Training is early-stopped once every request's target tokens are each the most likely
 next token (teacher-forced) and their mean probability exp(−NLL) reaches
