@@ -88,7 +88,12 @@ def inner_bound(epsilon: float) -> float:
 class _TargetLoss:
     """The batch ``prompt + target[:-1]`` and, per target token, where its logit is read."""
 
-    def __init__(self, tok: PreTrainedTokenizerBase, requests: Sequence[EditRequest], device):
+    def __init__(
+        self,
+        tok: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        device: torch.device | str,
+    ) -> None:
         rows: PromptRows = (
             RowBuilder().add_templates(tok, requests, ["{}"], "last", append_target=True).build(tok)
         )
