@@ -24,6 +24,13 @@ Defaults and their sources (see ``docs/editing.md`` for the measurements):
 - GRACE (:class:`GraceHParams`): EasyEdit's GRACE presets (zjunlp/EasyEdit
   ``hparams/GRACE/llama-7b.yaml``), the layer scaled to the depth (27 of 32 → 25 of 30,
   as PEERS.md ran it on SmolLM2).
+- Fine-tuning baselines (``ft_l``, ``ft_c``): 25 Adam steps at lr 5e-4, no weight
+  decay, one MLP output projection (zjunlp/EasyEdit ``hparams/FT/llama-7b.yaml``:
+  layer 21 of 32; kmeng01/rome ``hparams/FT/*.json``, the ROME paper's FT and FT+L
+  baselines, same steps and lr). FT-C's L∞ bound ε: ROME's presets use 5e-4
+  (GPT-2 XL), 1e-3 (GPT-2 large), 2e-3 (GPT-2 medium), 5e-5 (GPT-J), all at layer 0;
+  ours is measured on SmolLM2 (``docs/editing.md``). ``stop_prob`` (early stop) is
+  ours; EasyEdit stops at a loss below 0.01.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ log = logging.getLogger(__name__)
 # LLaMA-7B's MLP width and MEMIT λ (zjunlp/EasyEdit hparams/MEMIT/llama-7b.yaml)
 _REF_D_MLP = 11008
 _REF_LAMBDA = 15000.0
+# FT-C's L∞ bound ε (see the module docstring and docs/editing.md)
+_FT_C_EPSILON = 2e-3
 
 
 class MethodHParams(BaseModel):
@@ -174,9 +183,58 @@ def grace_layer(num_layers: int) -> int:
     return min(num_layers - 1, max(0, round(_GRACE_DEPTH * num_layers)))
 
 
+class _FtHParams(MethodHParams):
+    """Fine-tuning baselines (FT-L, FT-C): Adam on the MLP output projections of
+    ``layers``, minimising the mean per-token NLL of ``" " + target_new`` after the
+    prompt, stopping early once every request's target is reached."""
+
+    num_steps: int = Field(25, ge=1, le=1000, description="Adam steps at most")
+    lr: float = Field(5e-4, gt=0, description="Adam learning rate")
+    stop_prob: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="stop once every request's target tokens are each the most likely "
+        "and their mean probability (exp of minus the mean NLL) reaches this",
+    )
+
+
+class FtLHParams(_FtHParams):
+    """FT-L: unconstrained fine-tuning of one layer's MLP output projection."""
+
+    method: Literal["ft_l"] = "ft_l"
+
+    @classmethod
+    def defaults(cls, model_type: str, num_layers: int, d_mlp: int) -> Self:
+        return cls(layers=(ft_layer(num_layers),))
+
+
+class FtCHParams(_FtHParams):
+    """FT-C: fine-tuning with the update bounded in L∞ (ROME's constrained FT baseline,
+    after Zhu et al. 2020): ‖ΔW‖∞ ≤ ``norm_constraint`` = ε, projected after each step."""
+
+    method: Literal["ft_c"] = "ft_c"
+    norm_constraint: float = Field(
+        _FT_C_EPSILON, gt=0, description="ε: every entry of ΔW stays within [−ε, ε]"
+    )
+
+    @classmethod
+    def defaults(cls, model_type: str, num_layers: int, d_mlp: int) -> Self:
+        """Layer 0, as all of ROME's constrained presets; ε = 2e-3, ROME's value for its
+        smallest model (GPT-2 medium), the smallest that kept ES 1.00 on SmolLM2
+        (layer 0 beat layer 20 there: docs/editing.md)."""
+        return cls(layers=(0,), norm_constraint=_FT_C_EPSILON)
+
+
 # every method's hparams class, in the order of METHODS; adding a method adds its
 # class here (and its editor to workers/editing/registry.py)
-_CLASSES: tuple[type[MethodHParams], ...] = (RomeHParams, MemitHParams, GraceHParams)
+_CLASSES: tuple[type[MethodHParams], ...] = (
+    RomeHParams,
+    MemitHParams,
+    GraceHParams,
+    FtLHParams,
+    FtCHParams,
+)
 METHODS = tuple(cls.model_fields["method"].default for cls in _CLASSES)
 HPARAMS_CLASSES: dict[str, type[MethodHParams]] = dict(zip(METHODS, _CLASSES, strict=True))
 HParams = Annotated[Union[_CLASSES], Field(discriminator="method")]  # noqa: UP007
@@ -221,6 +279,13 @@ def layer_window(model_type: str, num_layers: int) -> tuple[int, ...]:
     first = centre - 4 if model_type == "gpt2" else centre - 1
     first = max(0, min(first, highest - 4))
     return tuple(range(first, min(highest, first + 4) + 1))
+
+
+def ft_layer(num_layers: int) -> int:
+    """The fine-tuning baselines' layer: 21 of LLaMA-7B's 32 (EasyEdit
+    ``hparams/FT/llama-7b.yaml``; ROME's GPT-J FT preset also tunes 21 of 28), scaled
+    to the depth: 20 of SmolLM2's 30, the layer PEERS.md measured EasyEdit's FT-L at."""
+    return min(num_layers - 1, round(21 / 32 * num_layers))
 
 
 def scaled_lambda(d_mlp: int, reference: float = _REF_LAMBDA) -> float:

@@ -125,4 +125,8 @@ TINY_OVERRIDES = {
     # its default layer is their last (3 of 4), where one value vector moves the
     # output less than deep inside a real model
     "grace": {"n_iter": 100},
+    # fine-tuning: the tiny weights are ~N(0, 0.3), so Adam steps of 5e-4 (and FT-C's
+    # ε, tuned on SmolLM2) barely move them; FT-C's ε still binds here (test_ft.py)
+    "ft_l": {"lr": 0.05, "num_steps": 60, "stop_prob": 0.6},
+    "ft_c": {"lr": 0.05, "num_steps": 60, "stop_prob": 0.6, "norm_constraint": 0.3},
 }  # fmt: skip

@@ -47,7 +47,13 @@ from workers.editing.common.prompts import RowBuilder
 from workers.editing.common.stats import StatsCache, stats_provider
 from workers.editing.common.targets import _SplitRun
 from workers.editing.common.tokens import PromptError, fill, subject_last_index
-from workers.editing.types import EditContext, EditRequest, LowRankUpdate, WeightDelta
+from workers.editing.types import (
+    DenseUpdate,
+    EditContext,
+    EditRequest,
+    LowRankUpdate,
+    WeightDelta,
+)
 from workers.models.profiles import profile_for
 from workers.runtime import ModelRuntime
 
@@ -162,8 +168,10 @@ def test_delta_makes_target_most_likely(computed, tok, method, kind):
 @pytest.mark.parametrize(("method", "kind"), CASES)
 def test_delta_finite_on_its_layers_and_round_trips(computed, method, kind):
     """Whatever a delta carries sits on the hparams' layers: low-rank updates of
-    their MLP output projections with the batch size as rank, module state (GRACE)
-    on those projections; it is finite and survives serialisation bit for bit."""
+    their MLP output projections with the batch size as rank (ROME, MEMIT), dense
+    non-zero fp32 updates in the parameter's layout (fine-tuning), module state
+    (GRACE) on those projections; it is finite and survives serialisation bit for
+    bit, update kinds included."""
     model, _before, delta, hp = computed(method, kind)
     profile = profile_for(model)
     assert delta.method == method
@@ -177,10 +185,17 @@ def test_delta_finite_on_its_layers_and_round_trips(computed, method, kind):
     assert touched == layers
     rank = len(requests_for(method))
     for update in delta.updates:
+        shape = tuple(model.get_parameter(update.param).shape)
         if isinstance(update, LowRankUpdate):
-            assert update.left.shape[1] == update.right.shape[1] == rank
-        assert update.dense().shape == model.get_parameter(update.param).shape
+            assert tuple(update.left.shape) == (shape[0], rank)
+            assert tuple(update.right.shape) == (shape[1], rank)
+        else:
+            assert isinstance(update, DenseUpdate)
+            assert update.delta.dtype == torch.float32 and tuple(update.delta.shape) == shape
+            assert bool(update.delta.any())
+        assert tuple(update.dense().shape) == shape
     again = WeightDelta.from_bytes(delta.to_bytes())
+    assert [type(u) for u in again.updates] == [type(u) for u in delta.updates]
     first, second = delta.dense(), again.dense()
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)

@@ -21,10 +21,12 @@ from sqlalchemy import Engine, select
 
 from service.api import create_app
 from service.db import session_scope
+from service.hparams import hparams_class
 from service.models import Artifact, Version
 from service.settings import ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
+from workers.editing.types import DenseUpdate, WeightDelta
 from workers.worker import WorkerState
 
 pytestmark = pytest.mark.e2e
@@ -74,9 +76,11 @@ def drain(settings: Settings, redis: Redis) -> None:
 
 
 def edit_body(n: int, method: str = "rome", **hparams: Any) -> dict[str, Any]:
+    # the statistics knobs only for the methods that read statistics
+    fast = {k: v for k, v in FAST.items() if k in hparams_class(method).model_fields}
     return {
         "method": method,
-        "hparams": {**TINY_OVERRIDES[method], **FAST, **hparams},
+        "hparams": {**TINY_OVERRIDES[method], **fast, **hparams},
         "requests": [
             {
                 "prompt": "{} was born in",
@@ -226,6 +230,52 @@ def test_memit_batch_is_one_version_and_reads_see_it(
     assert score.json()["version"] == 1
     assert score.json()["logprobs"] == pytest.approx([after["new"][0], after["true"][0]], abs=1e-5)
     assert gen.json()["version"] == 1 and isinstance(gen.json()["text"], str)
+
+
+def test_ft_l_batch_is_one_dense_version_and_rolls_back_exactly(
+    client: TestClient, e2e_settings: Settings, redis_conn: Redis, db_engine: Engine
+) -> None:
+    """FT-L through the API: no statistics, one version for the batch whose artifact
+    is a dense ΔW of the tuned projection; a restart rebuilds it and a rollback to
+    the base restores the base bytes."""
+    state = start_worker(e2e_settings)
+    base = state.runtime.base_hashes()
+    r = client.post(f"/v1/models/{MODEL}/edits", json=edit_body(3, method="ft_l"))
+    assert r.status_code == 202, r.text
+    drain(e2e_settings, redis_conn)
+    done = job(client, r.json()["job_id"])
+    assert done["status"] == "succeeded", done
+    assert done["result"]["versions"] == [1] and done["result"]["method"] == "ft_l"
+    assert [m["efficacy"] for m in done["result"]["metrics"].values()] == [1.0] * 3
+    assert not list((e2e_settings.effective_cache_dir / "stats").glob("**/*.safetensors"))
+
+    param = "model.layers.3.mlp.down_proj.weight"  # FT's default layer of 4 (21/32)
+    v1 = versions(client)[1]
+    assert v1["method"] == "ft_l" and v1["hparams"]["layers"] == [3]
+    assert list(v1["drift"]) == [param] and v1["update_norm"] > 0
+    assert v1["tensor_sha256"][param] != base[param]
+    with session_scope(db_engine) as s:
+        version = s.scalars(select(Version).where(Version.number == 1)).one()
+        artifact = s.get(Artifact, version.delta_artifact_id)
+        blob = state.store.get(artifact.path, artifact.sha256)
+    delta = WeightDelta.from_bytes(blob)
+    (update,) = delta.updates
+    assert isinstance(update, DenseUpdate) and update.param == param
+    assert tuple(update.delta.shape) == (32, 64) and delta.meta["steps"] >= 1
+
+    restarted = start_worker(e2e_settings)
+    assert restarted.runtime.current_version == 1
+    assert restarted.runtime.tensor_hashes([param]) == {param: v1["tensor_sha256"][param]}
+
+    rb = client.post(f"/v1/models/{MODEL}/rollback", json={"to_version": 0})
+    assert rb.status_code == 202, rb.text
+    drain(e2e_settings, redis_conn)
+    assert job(client, rb.json()["job_id"])["status"] == "succeeded"
+    last = versions(client)[-1]
+    assert last["kind"] == "rollback" and last["tensor_sha256"][param] == base[param]
+    assert restarted.runtime.tensor_hashes(base) == base
+    edits = client.get(f"/v1/models/{MODEL}/edits").json()["items"]
+    assert [e["status"] for e in edits] == ["reverted"] * 3
 
 
 def test_failed_edit_leaves_no_version_and_model_unchanged(

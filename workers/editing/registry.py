@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.hparams import METHODS
 from workers.editing.common.codebook import GraceAdaptor
+from workers.editing.ft import FtCEditor, FtLEditor
 from workers.editing.grace import GraceEditor
 from workers.editing.memit import MemitEditor
 from workers.editing.rome import RomeEditor
@@ -60,7 +61,7 @@ def _build(classes: Sequence[type]) -> dict[str, type]:
     return out
 
 
-_EDITOR_CLASSES: tuple[type, ...] = (RomeEditor, MemitEditor, GraceEditor)
+_EDITOR_CLASSES: tuple[type, ...] = (RomeEditor, MemitEditor, GraceEditor, FtLEditor, FtCEditor)
 EDITORS: dict[str, type] = _build(_EDITOR_CLASSES)
 
 
