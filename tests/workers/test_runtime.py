@@ -10,8 +10,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
+from service.hparams import defaults_for, with_overrides
+from tests import tiny_models
 from workers.artifacts import ArtifactCorrupt, ArtifactStore
-from workers.editing.types import DenseUpdate, LowRankUpdate, WeightDelta
+from workers.editing.common.stats import StatsCache, stats_provider
+from workers.editing.registry import get_editor
+from workers.editing.types import (
+    DenseUpdate,
+    EditContext,
+    EditRequest,
+    LowRankUpdate,
+    WeightDelta,
+)
 from workers.models.profiles import profile_for
 from workers.runtime import (
     ChainError,
@@ -611,3 +621,47 @@ def test_factored_state_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="keys:a"):
             h.runtime.stage(WeightDelta(method="test", aux_factors={"keys:a": bad}))
     assert all(torch.equal(h.runtime.aux[k], before[k]) for k in before)
+
+
+def test_alphaedit_versions_roll_back_to_version_n_state(tmp_path: Path) -> None:
+    """Real AlphaEdit deltas, each computed on the runtime's current state: syncing
+    back to version N gives N's weights and N's accumulated keys (hash-checked)."""
+    tok, model = tiny_models.word_tokenizer(), tiny_models.tiny_model("llama")
+    rt, store = ModelRuntime(model), ArtifactStore(tmp_path / "store")
+    overrides = tiny_models.TINY_OVERRIDES["alphaedit"]
+    hp = with_overrides(defaults_for("alphaedit", "llama", 4, 64), overrides)
+    params = [profile_for(model).mlp_out_param(layer) for layer in hp.layers]
+    provide = stats_provider(
+        StatsCache(tmp_path / "stats", "t"), model, tok, params, "self", 64, 16
+    )
+    cache: dict = {}
+    records = {0: VersionRecord(0, "base", tensor_sha256=rt.base_hashes())}
+    batches = [
+        [EditRequest("The native language of {}", "Picasso", "Russian")],
+        [EditRequest("The capital city of {}", "Toyota", "Athens")],
+        [EditRequest("The famous writer {}", "Tolstoy", "Einstein"),
+         EditRequest("The famous actor {}", "Newton", "Moscow")],
+    ]  # fmt: skip
+    for v, requests in enumerate(batches, start=1):
+        ctx = EditContext(cache=cache, stats_provider=provide, state=rt.aux)
+        delta = get_editor("alphaedit").compute_delta(model, tok, requests, hp, ctx)
+        assert delta.meta["prior_state"] == [v > 1] * len(params)
+        staged = rt.stage(delta)
+        art = store.put("delta", delta.to_bytes())
+        records[v] = VersionRecord(
+            v, "edit", v - 1, art.path, art.sha256, tensor_sha256=staged.tensor_sha256
+        )
+        rt.commit(staged, v)
+    state_names = {"aux:alphaedit.kkt:" + p for p in params}
+    assert state_names <= set(records[3].tensor_sha256)
+    assert all(records[1].tensor_sha256[n] != records[3].tensor_sha256[n] for n in state_names)
+    for target in (1, 3, 2, 0):
+        rt.sync(records, target, store)  # raises IntegrityError on any hash difference
+        assert rt.tensor_hashes(sorted(state_names)) == {
+            n: records[target].tensor_sha256[n] for n in state_names if target > 0
+        }
+    fresh = ModelRuntime(tiny_models.tiny_model("llama"))
+    fresh.sync(records, 2, store)
+    assert fresh.tensor_hashes(sorted(state_names)) == {
+        n: records[2].tensor_sha256[n] for n in state_names
+    }

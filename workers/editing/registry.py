@@ -15,6 +15,8 @@ from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.hparams import METHODS
+from workers.editing.alphaedit import AlphaEditEditor
+from workers.editing.emmet import EmmetEditor
 from workers.editing.memit import MemitEditor
 from workers.editing.rome import RomeEditor
 from workers.editing.types import EditContext, EditRequest, WeightDelta
@@ -52,7 +54,7 @@ def _build(classes: Sequence[type]) -> dict[str, type]:
     return out
 
 
-_EDITOR_CLASSES: tuple[type, ...] = (RomeEditor, MemitEditor)
+_EDITOR_CLASSES: tuple[type, ...] = (RomeEditor, MemitEditor, EmmetEditor, AlphaEditEditor)
 EDITORS: dict[str, type] = _build(_EDITOR_CLASSES)
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from service.hparams import MemitHParams, RomeHParams
+from service.hparams import AlphaEditHParams, EmmetHParams, MemitHParams, RomeHParams
 from workers.editing.common.targets import TargetSettings
 
 # the locate-then-edit methods: a v* optimisation, keys, statistics
-EditHParams = RomeHParams | MemitHParams
+EditHParams = RomeHParams | MemitHParams | EmmetHParams | AlphaEditHParams
 
 
 class EditError(ValueError):
