@@ -50,6 +50,8 @@ _REF_D_MLP = 11008
 _REF_LAMBDA = 15000.0
 # FT-C's L∞ bound ε (see the module docstring and docs/editing.md)
 _FT_C_EPSILON = 2e-3
+# EMMET's λ for a LLaMA (zjunlp/EasyEdit hparams/EMMET/llama3.2-3b.yaml), scaled alike
+_REF_EMMET_LAMBDA = 100000.0
 
 
 class MethodHParams(BaseModel):
@@ -142,6 +144,68 @@ class MemitHParams(_EditHParams):
         )
 
 
+class EmmetHParams(_EditHParams):
+    """EMMET (Gupta et al. 2024, "A unified framework for model editing"): MEMIT's
+    window loop with the equality-constrained solve ΔW = R (KᵀC'⁻¹K + δI)⁻¹ KᵀC'⁻¹,
+    C' = λC + ρI (λ ``mom2_update_weight``, ρ ``update_norm_lambda``, δ
+    ``emmet_lambda``; zjunlp/EasyEdit ``easyeditor/models/emmet``).
+
+    Defaults: δ = 0.1 and ρ = 0 as every EMMET preset (EasyEdit
+    ``hparams/EMMET/*.yaml``, scalable-model-editing/unified-model-editing
+    ``hparams/EMMET/*.json``); λ = 100,000 (EasyEdit ``llama3.2-3b.yaml``) scaled to
+    the MLP width like MEMIT's (13,953 on SmolLM2, PEERS.md's "λ-scaled" row: ES 0.98
+    where 100,000 reaches 0.58). Only δλ/(kᵀC⁻¹k) matters: C'⁻¹ = C⁻¹/λ, so λ sets how
+    hard δ relaxes the equality. Layers: see :data:`_MEASURED_LAYERS` and
+    ``docs/editing.md``.
+    """
+
+    method: Literal["emmet"] = "emmet"
+    mom2_update_weight: float = Field(13953.5, gt=0, description="λ in C' = λC + ρI")
+    emmet_lambda: float = Field(0.1, ge=0, description="δ in (KᵀC'⁻¹K + δI)⁻¹")
+    update_norm_lambda: float = Field(0.0, ge=0, description="ρ in C' = λC + ρI")
+
+    @classmethod
+    def defaults(cls, model_type: str, num_layers: int, d_mlp: int) -> Self:
+        return cls(
+            layers=emmet_layers(model_type, num_layers),
+            v_loss_layer=num_layers - 1,
+            mom2_update_weight=scaled_lambda(d_mlp, _REF_EMMET_LAMBDA),
+        )
+
+
+class AlphaEditHParams(_EditHParams):
+    """AlphaEdit (Fang et al. 2024): MEMIT's window loop with the update projected
+    onto the null space of the preserved keys,
+
+        ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + αI)⁻¹,
+
+    P = U Uᵀ from the eigenvectors of C with eigenvalue below ``nullspace_threshold``
+    and K_p K_pᵀ the keys of earlier AlphaEdit edits (the version's method state).
+
+    Defaults: threshold 2e-2 and α (``l2``) = 10 as EasyEdit's AlphaEdit presets
+    (``hparams/AlphaEdit/{llama3-8b,gpt-j-6B}.yaml``; the paper's code uses 1e-2);
+    layers as MEMIT's window (the Llama-3-8B preset edits 4–8, MEMIT's LLaMA window).
+    The v* knobs stay the shared defaults (see ``docs/editing.md`` for the presets'
+    clamp 0.75 / weight decay 0.5, measured).
+    """
+
+    method: Literal["alphaedit"] = "alphaedit"
+    nullspace_threshold: float = Field(
+        2e-2, gt=0, description="eigenvalues of C below this span the editable subspace"
+    )
+    l2: float = Field(10.0, gt=0, description="α in (P A + αI)⁻¹")
+
+    @model_validator(mode="after")
+    def _needs_statistics(self) -> Self:
+        if not self.mom2_adjustment:
+            raise ValueError("AlphaEdit projects with the layer statistics: mom2_adjustment")
+        return self
+
+    @classmethod
+    def defaults(cls, model_type: str, num_layers: int, d_mlp: int) -> Self:
+        return cls(layers=layer_window(model_type, num_layers), v_loss_layer=num_layers - 1)
+
+
 # EasyEdit's GRACE presets put the codebook deep in the model: LLaMA-2-7B layer 27 of
 # 32 (zjunlp/EasyEdit hparams/GRACE/llama-7b.yaml, also llama3.2-1b.yaml), GPT-J 25 of
 # 28 (gpt-j-6b.yaml); PEERS.md ran the LLaMA preset scaled to SmolLM2: layer 25 of 30
@@ -231,9 +295,11 @@ class FtCHParams(_FtHParams):
 _CLASSES: tuple[type[MethodHParams], ...] = (
     RomeHParams,
     MemitHParams,
-    GraceHParams,
+    EmmetHParams,
+    AlphaEditHParams,
     FtLHParams,
     FtCHParams,
+    GraceHParams,
 )
 METHODS = tuple(cls.model_fields["method"].default for cls in _CLASSES)
 HPARAMS_CLASSES: dict[str, type[MethodHParams]] = dict(zip(METHODS, _CLASSES, strict=True))
@@ -286,6 +352,12 @@ def ft_layer(num_layers: int) -> int:
     ``hparams/FT/llama-7b.yaml``; ROME's GPT-J FT preset also tunes 21 of 28), scaled
     to the depth: 20 of SmolLM2's 30, the layer PEERS.md measured EasyEdit's FT-L at."""
     return min(num_layers - 1, round(21 / 32 * num_layers))
+
+
+def emmet_layers(model_type: str, num_layers: int) -> tuple[int, ...]:
+    """EMMET's layers: ROME's single layer, as the EMMET presets (GPT-J 5, Llama-2 5,
+    GPT-2 XL 17)."""
+    return (causal_layer(model_type, num_layers),)
 
 
 def scaled_lambda(d_mlp: int, reference: float = _REF_LAMBDA) -> float:

@@ -129,4 +129,13 @@ TINY_OVERRIDES = {
     # ε, tuned on SmolLM2) barely move them; FT-C's ε still binds here (test_ft.py)
     "ft_l": {"lr": 0.05, "num_steps": 60, "stop_prob": 0.6},
     "ft_c": {"lr": 0.05, "num_steps": 60, "stop_prob": 0.6, "norm_constraint": 0.3},
+    "emmet": {"v_weight_decay": 0.0, "clamp_norm_factor": 100.0, "v_prob_threshold": 0.6,
+              "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40,
+              "mom2_update_weight": 1.0, "layers": [0, 1, 2]},
+    # the tiny models' key statistics have eigenvalues ~0.01–100 (median 0.1–2): a
+    # threshold of 2 leaves a null space of half (LLaMA) to 90 % (GPT-2) of the
+    # dimensions; 1 leaves LLaMA 13–21 of 64, too few for three edits
+    "alphaedit": {"v_weight_decay": 0.0, "clamp_norm_factor": 100.0, "v_prob_threshold": 0.6,
+                  "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40,
+                  "nullspace_threshold": 2.0, "l2": 0.1, "layers": [0, 1, 2]},
 }  # fmt: skip

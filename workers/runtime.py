@@ -190,8 +190,10 @@ class ChainState(Protocol):
 
 
 class AuxState:
-    """Additive fp32 method state: ``aux[name] = Σ delta.aux[name]`` over the chain,
-    summed in ledger order (elementwise, so replay is bit-exact)."""
+    """Additive fp32 method state: ``aux[name] = Σ increments`` over the chain, summed
+    in ledger order. A delta's increments are its dense ``aux`` tensors and its
+    ``aux_factors`` K densified to K Kᵀ (``WeightDelta.aux_increments``: a fixed-order
+    fp64 sum rounded once), so replay is bit-exact whatever the thread count."""
 
     prefix = "aux:"
 
@@ -200,17 +202,21 @@ class AuxState:
         self.values: dict[str, torch.Tensor] = {}
 
     def validate(self, delta: WeightDelta) -> None:
-        for name, t in delta.aux.items():
+        shapes = [(name, tuple(t.shape)) for name, t in delta.aux.items()]
+        for name, k in delta.aux_factors.items():
+            if k.dim() != 2:
+                raise ValueError(f"aux factor {name!r} is not a matrix: {tuple(k.shape)}")
+            shapes.append((name, (k.shape[0], k.shape[0])))
+        for name, shape in shapes:
             have = self.values.get(name)
-            if have is not None and tuple(have.shape) != tuple(t.shape):
+            if have is not None and tuple(have.shape) != shape:
                 raise ValueError(
-                    f"aux state {name!r} has shape {tuple(have.shape)}, "
-                    f"the delta adds {tuple(t.shape)}"
+                    f"aux state {name!r} has shape {tuple(have.shape)}, the delta adds {shape}"
                 )
 
     def apply(self, delta: WeightDelta) -> None:
-        for name, t in delta.aux.items():
-            add = t.detach().to(device=self.device, dtype=torch.float32)
+        for name, t in delta.aux_increments():
+            add = t.to(device=self.device, dtype=torch.float32)
             have = self.values.get(name)
             # out of place: checkpoints hold references to the old tensors
             self.values[name] = add.clone() if have is None else have + add

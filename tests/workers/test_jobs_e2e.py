@@ -416,3 +416,47 @@ def test_grace_edits_and_rollback_through_the_worker_are_exact(
         for e in client.get(f"/v1/models/{MODEL}/edits", params={"limit": 100}).json()["items"]
     ]
     assert statuses == ["reverted"] * 3
+
+
+def test_alphaedit_state_rolls_back_with_the_weights(
+    client: TestClient, e2e_settings: Settings, redis_conn: Redis, db_engine: Engine
+) -> None:
+    """AlphaEdit's accumulated keys are part of each version: every edit reads the
+    head's state, a rollback to N records N's state hashes, and a restarted worker
+    rebuilds them."""
+    start_worker(e2e_settings)
+    for lo, hi in ((0, 2), (2, 3), (3, 5)):
+        body = edit_body(hi, method="alphaedit")
+        body["requests"] = body["requests"][lo:hi]
+        r = client.post(f"/v1/models/{MODEL}/edits", json=body)
+        assert r.status_code == 202, r.text
+        drain(e2e_settings, redis_conn)
+        assert job(client, r.json()["job_id"])["status"] == "succeeded"
+    vs = versions(client)
+    assert [v["number"] for v in vs] == [0, 1, 2, 3]
+    state = sorted(k for k in vs[3]["tensor_sha256"] if k.startswith("aux:alphaedit.kkt:"))
+    assert len(state) == len(TINY_OVERRIDES["alphaedit"]["layers"])
+    assert all(vs[1]["tensor_sha256"][k] != vs[3]["tensor_sha256"][k] for k in state)
+    with session_scope(db_engine) as s:
+        rows = s.scalars(select(Version).where(Version.number > 0).order_by(Version.number))
+        metas = [v.info["delta_meta"] for v in rows]
+    # the second and third edits were solved against the state accumulated before them
+    assert [m["prior_state"][0] for m in metas] == [False, True, True]
+
+    r = client.post(f"/v1/models/{MODEL}/rollback", json={"to_version": 1})
+    assert r.status_code == 202, r.text
+    drain(e2e_settings, redis_conn)
+    assert job(client, r.json()["job_id"])["status"] == "succeeded"
+    head = versions(client)[-1]
+    assert head["kind"] == "rollback" and head["number"] == 4
+    # the head's hashes include the state, equal to version 1's, weights too
+    assert {k: head["tensor_sha256"][k] for k in state} == {
+        k: vs[1]["tensor_sha256"][k] for k in state
+    }
+    assert head["tensor_sha256"] == {
+        k: vs[1]["tensor_sha256"].get(k) or vs[0]["tensor_sha256"][k]
+        for k in vs[3]["tensor_sha256"]
+    }
+    restarted = start_worker(e2e_settings)
+    assert restarted.runtime.current_version == 4
+    assert restarted.runtime.tensor_hashes(state) == {k: vs[1]["tensor_sha256"][k] for k in state}

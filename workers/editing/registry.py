@@ -21,7 +21,9 @@ from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from service.hparams import METHODS
+from workers.editing.alphaedit import AlphaEditEditor
 from workers.editing.common.codebook import GraceAdaptor
+from workers.editing.emmet import EmmetEditor
 from workers.editing.ft import FtCEditor, FtLEditor
 from workers.editing.grace import GraceEditor
 from workers.editing.memit import MemitEditor
@@ -61,7 +63,15 @@ def _build(classes: Sequence[type]) -> dict[str, type]:
     return out
 
 
-_EDITOR_CLASSES: tuple[type, ...] = (RomeEditor, MemitEditor, GraceEditor, FtLEditor, FtCEditor)
+_EDITOR_CLASSES: tuple[type, ...] = (
+    RomeEditor,
+    MemitEditor,
+    EmmetEditor,
+    AlphaEditEditor,
+    FtLEditor,
+    FtCEditor,
+    GraceEditor,
+)
 EDITORS: dict[str, type] = _build(_EDITOR_CLASSES)
 
 

@@ -19,6 +19,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 DELTA_FORMAT_VERSION = 1
+# format 2 = format 1 plus factored aux state (``auxk.*`` tensors): written only by a
+# delta that has some, so that a reader that knows only format 1 refuses it instead
+# of silently dropping the state; every other delta keeps format 1 and its bytes
+DELTA_FORMAT_AUX_FACTORS = 2
 
 
 @dataclass(frozen=True)
@@ -114,11 +118,13 @@ class WeightDelta:
     """The change one edit (or one batch of edits) makes to a model.
 
     ``updates`` are applied in order; two updates may name the same parameter.
-    ``aux`` holds additive method state that is part of the model's version
-    (e.g. AlphaEdit's accumulated K Kᵀ); ``modules`` holds non-additive adaptor
-    state by adaptor name (:class:`ModuleState`, e.g. ``"grace"``: the whole
-    codebook after this delta); ``meta`` is JSON-serialisable bookkeeping (method,
-    layers, optimisation losses, timings).
+    ``aux`` holds additive method state that is part of the model's version, given
+    dense; ``aux_factors`` holds such state in factored form: ``name → K [d, r]``
+    adds K Kᵀ (``d × d``) to the state ``name`` — AlphaEdit's accumulated keys, stored
+    as the batch's keys instead of a dense d × d matrix per version. ``modules``
+    holds non-additive adaptor state by adaptor name (:class:`ModuleState`, e.g.
+    ``"grace"``: the whole codebook after this delta). ``meta`` is JSON-serialisable
+    bookkeeping (method, layers, optimisation losses, timings).
     """
 
     method: str
@@ -126,6 +132,7 @@ class WeightDelta:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     modules: dict[str, ModuleState] = field(default_factory=dict)
+    aux_factors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def params(self) -> list[str]:
@@ -142,8 +149,18 @@ class WeightDelta:
             out[u.param] = d if u.param not in out else out[u.param] + d
         return out
 
+    def aux_increments(self) -> list[tuple[str, torch.Tensor]]:
+        """The additive state this delta adds, as fp32 ``(name, tensor)`` pairs in a
+        fixed order: ``aux`` first, then each factor densified by :func:`low_rank_dense`
+        (K Kᵀ, bit-identical whatever the thread count)."""
+        out = [(name, t.detach().to(torch.float32)) for name, t in self.aux.items()]
+        for name, k in self.aux_factors.items():
+            k32 = k.detach().to(torch.float32)
+            out.append((name, low_rank_dense(k32, k32)))
+        return out
+
     def is_finite(self) -> bool:
-        tensors: list[torch.Tensor] = list(self.aux.values())
+        tensors: list[torch.Tensor] = [*self.aux.values(), *self.aux_factors.values()]
         for u in self.updates:
             tensors += [u.left, u.right] if isinstance(u, LowRankUpdate) else [u.delta]
         finite = all(bool(torch.isfinite(t).all()) for t in tensors)
@@ -178,11 +195,13 @@ class WeightDelta:
             modules[name] = {"module": state.module, "tensors": sorted(state.tensors)}
             for key, t in state.tensors.items():
                 tensors[f"mod.{name}.{key}"] = t.detach().contiguous().cpu()
+        for name, t in self.aux_factors.items():
+            tensors[f"auxk.{name}"] = t.detach().to(torch.float32).contiguous().cpu()
         # one metadata key holding sorted JSON: safetensors does not keep the order
         # of several keys, and the blob's bytes (its sha256 names the file) must
         # not depend on it
         header = {
-            "format": DELTA_FORMAT_VERSION,
+            "format": DELTA_FORMAT_AUX_FACTORS if self.aux_factors else DELTA_FORMAT_VERSION,
             "method": self.method,
             "updates": layout,
             "meta": self.meta,
@@ -200,7 +219,7 @@ class WeightDelta:
         header_len = int.from_bytes(blob[:8], "little")
         metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
         header = json.loads(metadata.get("memedit", "{}"))
-        if header.get("format") != DELTA_FORMAT_VERSION:
+        if header.get("format") not in (DELTA_FORMAT_VERSION, DELTA_FORMAT_AUX_FACTORS):
             raise ValueError(f"unsupported delta format {header.get('format')!r}")
         updates: list[Update] = []
         for i, entry in enumerate(header["updates"]):
@@ -218,12 +237,14 @@ class WeightDelta:
             )
             for name, entry in (header.get("modules") or {}).items()
         }
+        factors = {k[5:]: v for k, v in tensors.items() if k.startswith("auxk.")}
         return cls(
             method=header["method"],
             updates=updates,
             aux=aux,
             meta=header["meta"],
             modules=modules,
+            aux_factors=factors,
         )
 
     def sha256(self) -> str:

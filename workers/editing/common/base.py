@@ -5,15 +5,18 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from service.hparams import MemitHParams, RomeHParams
+from service.hparams import AlphaEditHParams, EmmetHParams, MemitHParams, RomeHParams
 from workers.editing.common.targets import TargetSettings
+
+# the locate-then-edit methods: a v* optimisation, keys, statistics
+EditHParams = RomeHParams | MemitHParams | EmmetHParams | AlphaEditHParams
 
 
 class EditError(ValueError):
     """A request or hparams combination the method cannot run."""
 
 
-def target_settings(model: PreTrainedModel, hp: RomeHParams | MemitHParams) -> TargetSettings:
+def target_settings(model: PreTrainedModel, hp: EditHParams) -> TargetSettings:
     n_layers = int(model.config.num_hidden_layers)
     loss_layer = n_layers - 1 if hp.v_loss_layer is None else hp.v_loss_layer
     for layer in (*hp.layers, loss_layer):
