@@ -345,7 +345,7 @@ def run_sequential(
     cache: dict[str, Any] = {}
 
     def context() -> EditContext:
-        return EditContext(stats_provider=provider, cache=cache, state=runtime.aux)
+        return EditContext(stats_provider=provider, cache=cache, state=runtime.method_state())
 
     # warm-up (context templates and anything else an editor caches per model): one
     # request, delta discarded, so that the first batch is timed like the others
