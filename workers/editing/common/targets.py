@@ -12,7 +12,8 @@ with ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ after each Adam step. Several 
 optimised together in one batch: the loss is a sum of independent per-request
 terms and Adam acts element-wise, so each δᵢ follows the same trajectory as alone.
 A request stops (its δ frozen, its rows dropped from the batch) once the mean
-probability of its target over its prompts reaches ``v_prob_threshold``.
+probability of its target over its prompts, and that on its own prompt (template 0),
+reach ``v_prob_threshold``.
 
 Speed: only δ carries gradients (the weights are frozen). Every position before a
 row's subject token is unaffected by δ (causal attention), so it is computed once
@@ -291,10 +292,12 @@ def optimise_targets(
             rew = act_rows[act_rows < kl_first]
             row_nll = row_sum[rew] / row_cnt[rew]
             req_nll = torch.zeros(n, device=device).index_add(0, owner[rew], row_nll) / t
-            req_prob = (
-                torch.zeros(n, device=device).index_add(0, owner[rew], (-row_nll.detach()).exp())
-                / t
-            )
+            row_prob = (-row_nll.detach()).exp()
+            req_prob = torch.zeros(n, device=device).index_add(0, owner[rew], row_prob) / t
+            # the request's own prompt (template 0) must reach the threshold too
+            bare_rows = rew % t == 0
+            bare_prob = torch.zeros(n, device=device)
+            bare_prob[owner[rew[bare_rows]]] = row_prob[bare_rows]
             kl_act = kl_row[active[owner[kl_row]]]
             kl_logp = _log_probs(model, hidden[local[kl_act], kl_pos[kl_act - kl_first]])
             if step == 0:
@@ -309,7 +312,7 @@ def optimise_targets(
         still = active.clone()  # ``active`` itself is part of the autograd graph
         for i in active.nonzero().squeeze(-1).tolist():
             prob[i] = float(req_prob[i])
-            if prob[i] >= settings.prob_threshold:
+            if min(prob[i], float(bare_prob[i])) >= settings.prob_threshold:
                 still[i] = False
                 steps[i] = step
         if progress is not None:
