@@ -419,6 +419,31 @@ def warm_statistics(state: WorkerState) -> None:
         )
 
 
+def warm_editors(state: WorkerState) -> dict[str, float]:
+    """Let every editor that can build its per-layer caches for its default hparams
+    (MEMIT/EMMET: factorisations of C; AlphaEdit: the null-space bases), so that the
+    first edit of each method costs what later ones do. Returns seconds per method."""
+    rt = state.runtime
+    seconds: dict[str, float] = {}
+    for method in METHODS:
+        editor = get_editor(method)
+        prepare = getattr(editor, "prepare", None)
+        if prepare is None:
+            continue
+        hp = resolve_hparams(state, method, None)
+        t0 = time.perf_counter()
+        ctx = EditContext(
+            device=state.settings.device,
+            cache=state.cache,
+            stats_provider=stats_provider_for(state, hp),
+            state=rt.method_state(),
+        )
+        prepare(rt.model, hp, ctx)
+        seconds[method] = round(time.perf_counter() - t0, 3)
+    log.info("editor caches for %s built: %s", state.name, seconds)
+    return seconds
+
+
 def _run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     """Apply edit job ``job_id`` and the queued jobs it takes along, batch by batch.
 

@@ -86,6 +86,7 @@ def build_state(name: str, settings: Settings | None = None) -> WorkerState:
     jobs.stats_cache(state)  # keyed by the base weights' fingerprint: take it before syncing
     if settings.warm_statistics:
         jobs.warm_statistics(state)  # on the base weights, before syncing to the head
+        jobs.warm_editors(state)
     jobs.sync_to_head(state)
     return state
 

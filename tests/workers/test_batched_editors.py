@@ -215,3 +215,24 @@ def test_emmet_singular_batch_is_an_edit_error(tok, stats_root):
         get_editor("emmet").compute_delta(
             model, tok, [REQUESTS[0], REQUESTS[0]], hp, tiny_ctx(model, tok, hp, stats_root)
         )
+
+
+@pytest.mark.parametrize("method", ["memit", "emmet", "alphaedit"])
+def test_prepare_builds_every_layer_cache_the_first_edit_needs(tok, stats_root, method):
+    """``prepare`` (called by the worker at start-up) leaves nothing for the first edit
+    to build: the edit adds no entry to the linear-algebra cache, and its delta is
+    bit-identical to one computed without preparation."""
+    from workers.editing.common.solves import CACHE_KEY  # noqa: PLC0415
+
+    model = tiny_model("llama")
+    hp = tiny_hparams(method, model)
+    editor = get_editor(method)
+    ctx = tiny_ctx(model, tok, hp, stats_root)
+    editor.prepare(model, hp, ctx)
+    built = list(ctx.cache[CACHE_KEY])
+    assert len(built) == len(hp.layers)
+    prepared = editor.compute_delta(model, tok, REQUESTS, hp, ctx)
+    assert list(ctx.cache[CACHE_KEY]) == built
+    fresh = editor.compute_delta(model, tok, REQUESTS, hp, tiny_ctx(model, tok, hp, stats_root))
+    for a, b in zip(prepared.updates, fresh.updates, strict=True):
+        assert torch.equal(a.left, b.left) and torch.equal(a.right, b.right)

@@ -22,7 +22,11 @@ from pydantic import ValidationError
 from service.hparams import (
     HPARAMS_CLASSES,
     METHODS,
+    AlphaEditHParams,
     EasyEditImportError,
+    EmmetHParams,
+    FtCHParams,
+    FtLHParams,
     GraceHParams,
     MemitHParams,
     MethodHParams,
@@ -483,6 +487,90 @@ def test_easyedit_yaml_import(tmp_path):
     with pytest.raises(EasyEditImportError, match="'v_lr_typo'"):
         hparams_from_easyedit_yaml(EASYEDIT_MEMIT_YAML + "v_lr_typo: 1\n")
     with pytest.raises(EasyEditImportError, match="alg_name"):
-        hparams_from_easyedit_yaml(EASYEDIT_MEMIT_YAML.replace('"MEMIT"', '"GRACE"'))
+        hparams_from_easyedit_yaml(EASYEDIT_MEMIT_YAML.replace('"MEMIT"', '"KN"'))
     with pytest.raises(EasyEditImportError, match="do not validate"):
         hparams_from_easyedit_yaml(EASYEDIT_MEMIT_YAML.replace("25\n", "-1\n", 1))
+
+
+def _without(yaml_text: str, *keys: str) -> str:
+    return "".join(line + "\n" for line in yaml_text.splitlines() if line.split(":")[0] not in keys)
+
+
+def test_easyedit_yaml_import_of_emmet_and_alphaedit():
+    emmet = hparams_from_easyedit_yaml(
+        _without(EASYEDIT_MEMIT_YAML, "layers").replace('"MEMIT"', '"EMMET"')
+        + "layers: [4]\nupdate_norm_lambda: 0\nemmet_lambda: 0.1\n"
+    )
+    assert isinstance(emmet, EmmetHParams)
+    assert emmet.layers == (4,) and emmet.emmet_lambda == 0.1 and emmet.update_norm_lambda == 0
+    assert emmet.mom2_update_weight == 2093
+    alpha = hparams_from_easyedit_yaml(
+        EASYEDIT_MEMIT_YAML.replace('"MEMIT"', '"AlphaEdit"')
+        + 'P_loc: "./null_space_project.pt"\nnullspace_threshold: 3e-2\nL2: 12\n'
+    )
+    assert isinstance(alpha, AlphaEditHParams)
+    assert alpha.nullspace_threshold == 0.03 and alpha.l2 == 12 and alpha.layers == (3, 4, 5, 6, 7)
+    with pytest.raises(EasyEditImportError, match="'emmet_lambda'"):
+        hparams_from_easyedit_yaml(EASYEDIT_MEMIT_YAML + "emmet_lambda: 0.1\n")
+
+
+EASYEDIT_FT_YAML = """\
+alg_name: "FT"
+model_name: "./hugging_cache/smollm2-135m"
+device: 0
+layers: [20]
+num_steps: 40
+batch_size: 1
+max_length: 30
+lr: 5e-4
+weight_decay: 0
+kl_factor: 0
+norm_constraint: false
+rewrite_module_tmp: "model.layers.{}.mlp.down_proj.weight"
+"""
+
+
+def test_easyedit_yaml_import_of_ft():
+    ft_l = hparams_from_easyedit_yaml(EASYEDIT_FT_YAML)
+    assert isinstance(ft_l, FtLHParams) and ft_l.layers == (20,) and ft_l.num_steps == 40
+    ft_c = hparams_from_easyedit_yaml(
+        EASYEDIT_FT_YAML.replace("norm_constraint: false", "norm_constraint: 5e-4")
+    )
+    assert isinstance(ft_c, FtCHParams) and ft_c.norm_constraint == 5e-4 and ft_c.lr == 5e-4
+    with pytest.raises(EasyEditImportError, match="weight_decay"):
+        hparams_from_easyedit_yaml(EASYEDIT_FT_YAML.replace("weight_decay: 0", "weight_decay: 1"))
+
+
+EASYEDIT_GRACE_YAML = """\
+alg_name: "GRACE"
+model_name: "./hugging_cache/smollm2-135m"
+device: 0
+inner_params:
+- model.layers[25].mlp.down_proj.weight
+edit_lr: 0.5
+n_iter: 30
+eps: 2.0
+dist_fn: euc
+val_init: cold
+val_train: sgd
+val_reg: None
+reg: early_stop
+replacement: replace_last
+eps_expand: coverage
+num_pert: 8
+dropout: 0.0
+"""
+
+
+def test_easyedit_yaml_import_of_grace():
+    grace = hparams_from_easyedit_yaml(EASYEDIT_GRACE_YAML)
+    assert isinstance(grace, GraceHParams)
+    assert grace.layers == (25,) and grace.eps_init == 2.0
+    assert grace.edit_lr == 0.5 and grace.n_iter == 30
+    two = EASYEDIT_GRACE_YAML.replace(
+        "- model.layers[25]", "- model.layers[24].mlp.down_proj.weight\n- model.layers[25]"
+    )
+    with pytest.raises(EasyEditImportError, match="one layer"):
+        hparams_from_easyedit_yaml(two)
+    with pytest.raises(EasyEditImportError, match="'radius'"):
+        hparams_from_easyedit_yaml(EASYEDIT_GRACE_YAML + "radius: 1\n")

@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service.hparams import AlphaEditHParams
 from workers.editing.common.base import EditError, check_requests
 from workers.editing.common.solves import alphaedit_right, nullspace_basis
-from workers.editing.common.window import d_in_of, edit_window
+from workers.editing.common.window import d_in_of, edit_window, window_params
 from workers.editing.types import EditContext, EditRequest, WeightDelta
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,12 @@ def aux_name(param: str) -> str:
 class AlphaEditEditor:
     name: ClassVar[str] = "alphaedit"
     hparams_cls: ClassVar[type[AlphaEditHParams]] = AlphaEditHParams
+
+    def prepare(self, model: PreTrainedModel, hparams: AlphaEditHParams, ctx: EditContext) -> None:
+        """Build each layer's null-space basis now (worker start-up; ~1 s per layer on
+        SmolLM2) instead of on the first edit."""
+        for param in window_params(model, hparams):
+            nullspace_basis(ctx, param, d_in_of(model, param), hparams.nullspace_threshold)
 
     def compute_delta(
         self,

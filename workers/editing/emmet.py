@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service.hparams import EmmetHParams
 from workers.editing.common.base import EditError, check_requests
 from workers.editing.common.solves import emmet_right, stats_factor
-from workers.editing.common.window import d_in_of, edit_window
+from workers.editing.common.window import d_in_of, edit_window, window_params
 from workers.editing.types import EditContext, EditRequest, LowRankUpdate, WeightDelta
 from workers.models.profiles import profile_for
 
@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 class EmmetEditor:
     name: ClassVar[str] = "emmet"
     hparams_cls: ClassVar[type[EmmetHParams]] = EmmetHParams
+
+    def prepare(self, model: PreTrainedModel, hparams: EmmetHParams, ctx: EditContext) -> None:
+        """Factorise each layer's C + ridge·I now (worker start-up), not on the first edit."""
+        for param in window_params(model, hparams):
+            d_in = d_in_of(model, param)
+            stats_factor(ctx, param, d_in, hparams.mom2_adjustment, _ridge(hparams))
 
     def compute_delta(
         self,
@@ -55,8 +61,7 @@ class EmmetEditor:
             raise EditError(f"EMMET needs EmmetHParams, got {type(hparams).__name__}")
         started = time.perf_counter()
         lam = hparams.mom2_update_weight
-        # C' = λ(C + (ρ/λ)I): the factorisation of C + (ρ/λ)I is shared by every λ when ρ = 0
-        ridge = hparams.update_norm_lambda / lam
+        ridge = _ridge(hparams)
 
         def solve(param: str, keys: torch.Tensor) -> torch.Tensor:
             d_in = d_in_of(model, param)
@@ -83,6 +88,11 @@ class EmmetEditor:
                 "seconds": round(seconds, 3),
             },
         )
+
+
+def _ridge(hparams: EmmetHParams) -> float:
+    """C' = λ(C + (ρ/λ)I): the factorisation of C + (ρ/λ)I is shared by every λ when ρ = 0."""
+    return hparams.update_norm_lambda / hparams.mom2_update_weight
 
 
 def _constraint_gap(update: LowRankUpdate, keys: torch.Tensor, transposed: bool) -> float:

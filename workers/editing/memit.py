@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from service.hparams import MemitHParams
 from workers.editing.common.base import EditError, check_requests
 from workers.editing.common.solves import memit_right, stats_factor
-from workers.editing.common.window import d_in_of, edit_window
+from workers.editing.common.window import d_in_of, edit_window, window_params
 from workers.editing.types import EditContext, EditRequest, WeightDelta
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 class MemitEditor:
     name: ClassVar[str] = "memit"
     hparams_cls: ClassVar[type[MemitHParams]] = MemitHParams
+
+    def prepare(self, model: PreTrainedModel, hparams: MemitHParams, ctx: EditContext) -> None:
+        """Factorise each layer's C now (worker start-up) instead of on the first edit."""
+        for param in window_params(model, hparams):
+            stats_factor(ctx, param, d_in_of(model, param), hparams.mom2_adjustment)
 
     def compute_delta(
         self,

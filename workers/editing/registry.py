@@ -33,7 +33,12 @@ from workers.editing.types import EditContext, EditRequest, ModuleState, WeightD
 
 @runtime_checkable
 class Editor(Protocol):
-    """STYLE.md §2. ``compute_delta`` hands the model back bit-identical."""
+    """STYLE.md §2. ``compute_delta`` hands the model back bit-identical.
+
+    An editor may also define ``prepare(model, hparams, ctx) -> None``, which builds in
+    ``ctx.cache`` what its first edit would otherwise pay for (factorisations of the
+    layer statistics); the worker calls it at start-up for the default hparams.
+    """
 
     name: ClassVar[str]
     hparams_cls: ClassVar[type[BaseModel]]

@@ -68,6 +68,12 @@ def d_in_of(model: PreTrainedModel, param: str) -> int:
     return int(shape[0] if profile_for(model).transposed else shape[1])
 
 
+def window_params(model: PreTrainedModel, hparams: EditHParams) -> list[str]:
+    """The MLP output projections that ``hparams.layers`` edit, in layer order."""
+    profile = profile_for(model)
+    return [profile.mlp_out_param(layer) for layer in hparams.layers]
+
+
 def edit_window(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
