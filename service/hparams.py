@@ -116,10 +116,8 @@ class _EditHParams(MethodHParams):
         return self
 
 
-class RomeHParams(_EditHParams):
-    """ROME with the r-ROME key fix (Gupta et al. 2024): one layer, rank one."""
-
-    method: Literal["rome"] = "rome"
+class _RomeHParams(_EditHParams):
+    """ROME's knobs (both formulations): one layer, rank one."""
 
     @model_validator(mode="after")
     def _one_layer(self) -> Self:
@@ -130,6 +128,20 @@ class RomeHParams(_EditHParams):
     @classmethod
     def defaults(cls, model_type: str, num_layers: int, d_mlp: int) -> Self:
         return cls(layers=(causal_layer(model_type, num_layers),), v_loss_layer=num_layers - 1)
+
+
+class RomeHParams(_RomeHParams):
+    """ROME with the r-ROME key fix (Gupta et al. 2024): one layer, rank one."""
+
+    method: Literal["rome"] = "rome"
+
+
+class RomeOriginalHParams(_RomeHParams):
+    """ROME as the original code computes it (Meng et al. 2022, kmeng01/rome), without
+    the r-ROME key fix: kept to reproduce the disabling edits (issue 4). Same knobs and
+    defaults as ``rome``; ``workers/editing/rome.py`` says what differs."""
+
+    method: Literal["rome_original"] = "rome_original"
 
 
 class MemitHParams(_EditHParams):
@@ -297,6 +309,7 @@ class FtCHParams(_FtHParams):
 # class here (and its editor to workers/editing/registry.py)
 _CLASSES: tuple[type[MethodHParams], ...] = (
     RomeHParams,
+    RomeOriginalHParams,
     MemitHParams,
     EmmetHParams,
     AlphaEditHParams,

@@ -139,3 +139,5 @@ TINY_OVERRIDES = {
                   "context_template_length_params": [[5, 3]], "v_num_grad_steps": 40,
                   "nullspace_threshold": 2.0, "l2": 0.1, "layers": [0, 1, 2]},
 }  # fmt: skip
+# the original ROME formulation shares ROME's knobs
+TINY_OVERRIDES["rome_original"] = TINY_OVERRIDES["rome"]

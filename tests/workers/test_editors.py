@@ -232,6 +232,77 @@ def test_rome_writes_v_star_at_the_averaged_key(computed, tok, kind):
     assert float(change.norm()) == pytest.approx(delta.meta["delta_norm"][0], rel=1e-4)
 
 
+def _rome_pair(tok, stats_root, kind: str, prefixes: list[list[int]]):
+    """(model, C, δ-carrying deltas of rome and rome_original) for the first request."""
+    model = tiny_model(kind)
+    out = {}
+    for method in ("rome", "rome_original"):
+        hp = with_overrides(
+            tiny_hparams(method, model), {"context_template_length_params": prefixes}
+        )
+        ctx = tiny_ctx(model, tok, hp, stats_root)
+        delta = registry.get_editor(method).compute_delta(model, tok, REQUESTS[:1], hp, ctx)
+        out[method] = delta
+    param = profile_for(model).mlp_out_param(hp.layers[0])
+    c = ctx.second_moment(param).double()
+    return model, hp, c, out["rome"], out["rome_original"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_rome_original_differs_from_rome_only_by_its_denominator(tok, stats_root, kind):
+    """The original code's update is r-ROME's times the scalar (k*ᵀC⁻¹k*) / (k₀ᵀC⁻¹k*)
+    (rome.py docstring: same δ, same direction C⁻¹k*, the bare prompt's key k₀ in the
+    denominator); so it writes v* exactly at k₀ where r-ROME writes it at k*."""
+    model, hp, c, rome, orig = _rome_pair(tok, stats_root, kind, [[5, 3]])
+    profile = profile_for(model)
+    layer = hp.layers[0]
+    param, module = profile.mlp_out_param(layer), profile.mlp_out_module(layer)
+    templates = orig.meta["context_templates"]
+    assert templates == rome.meta["context_templates"] and len(templates) == 4
+    assert orig.meta["delta_norm"] == rome.meta["delta_norm"]  # the same v* optimisation
+
+    def key(tpls: list[str]) -> torch.Tensor:
+        return read_keys(
+            model, tok, REQUESTS[:1], tpls, module=module, fact_token=hp.fact_token
+        ).keys[0].double()  # fmt: skip
+
+    k_star, k_bare = key(templates), key(["{}"])
+    c_inv_k = torch.linalg.solve(c, k_star)
+    scale = float(k_star @ c_inv_k) / float(k_bare @ c_inv_k)
+    assert abs(scale - 1.0) > 1e-3  # the prefixes move the key: the formulations differ
+    assert orig.meta["denominator"] == pytest.approx(float(k_bare @ c_inv_k), rel=1e-5)
+    assert orig.meta["averaged_key_denominator"] == pytest.approx(float(k_star @ c_inv_k), rel=1e-5)
+    d_rome, d_orig = rome.dense()[param].double(), orig.dense()[param].double()
+    torch.testing.assert_close(
+        d_orig, scale * d_rome, rtol=1e-4, atol=1e-7 * float(d_rome.abs().max())
+    )
+    for delta, k in ((orig, k_bare), (rome, k_star)):
+        d_w = delta.dense()[param].double()
+        change = k @ d_w if profile.transposed else d_w @ k
+        assert float(change.norm()) == pytest.approx(delta.meta["delta_norm"][0], rel=1e-4)
+
+
+def test_rome_original_equals_rome_without_prefixes(tok, stats_root):
+    """Without generated prefixes the averaged key is the bare prompt's (k* = k₀): the
+    two formulations give the same update, bit for bit."""
+    model, _hp, _c, rome, orig = _rome_pair(tok, stats_root, "llama", [])
+    assert orig.meta["context_templates"] == ["{}"]
+    assert orig.meta["denominator"] == orig.meta["averaged_key_denominator"]
+    first, second = rome.dense(), orig.dense()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert orig.method == "rome_original" and rome.method == "rome"
+
+
+def test_rome_editors_refuse_each_others_hparams(tok):
+    model = tiny_model("llama")
+    for method, other in (("rome", "rome_original"), ("rome_original", "rome")):
+        with pytest.raises(EditError, match=f"{method} needs"):
+            registry.get_editor(method).compute_delta(
+                model, tok, REQUESTS[:1], tiny_hparams(other, model), EditContext()
+            )
+
+
 @pytest.mark.parametrize("kind", TINY_KINDS)
 @pytest.mark.parametrize("replayed", [0, 2])
 def test_split_run_equals_a_plain_forward(tok, kind, replayed):
@@ -311,7 +382,7 @@ def test_failure_midway_restores_everything(tok, method):
 
     def failing(param: str) -> torch.Tensor:
         calls.append(param)
-        if len(calls) == (1 if method == "rome" else 2):
+        if len(calls) == (1 if len(hp.layers) == 1 else 2):
             raise RuntimeError("statistics unavailable")
         d_in = 4 * model.config.n_embd
         return torch.eye(d_in)

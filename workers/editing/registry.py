@@ -27,7 +27,7 @@ from workers.editing.emmet import EmmetEditor
 from workers.editing.ft import FtCEditor, FtLEditor
 from workers.editing.grace import GraceEditor
 from workers.editing.memit import MemitEditor
-from workers.editing.rome import RomeEditor
+from workers.editing.rome import RomeEditor, RomeOriginalEditor
 from workers.editing.types import EditContext, EditRequest, ModuleState, WeightDelta
 
 
@@ -70,6 +70,7 @@ def _build(classes: Sequence[type]) -> dict[str, type]:
 
 _EDITOR_CLASSES: tuple[type, ...] = (
     RomeEditor,
+    RomeOriginalEditor,
     MemitEditor,
     EmmetEditor,
     AlphaEditEditor,

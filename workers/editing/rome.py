@@ -17,6 +17,23 @@ whose average is W k* + b, so v* = W k* + b + δ, and W' k* = v*.
 
 Without ``mom2_adjustment`` C = I (EasyEdit's LLaMA preset); PEERS.md measured NS
 0.80 with C against 0.62 without on SmolLM2, so C is the default.
+
+``rome_original`` (:class:`RomeOriginalEditor`) is the original code's formulation,
+kept to reproduce the disabling edits. kmeng01/rome builds the direction from the
+averaged key (``compute_u``: C⁻¹k*, normalised) but reads ``cur_input`` and
+``cur_output`` on the bare prompt alone (``compute_v``); its target is the bare
+prompt's output plus δ, so the residual v* − W k₀ − b is again exactly δ, and only
+the denominator changes:
+
+    ΔW_original = δ (C⁻¹k*)ᵀ / (k₀ᵀ C⁻¹ k*),   ΔW_r-ROME = δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*)
+
+where k₀ is the key of the prompt without a prefix. The two are the same rank-one
+matrix up to the scalar (k*ᵀC⁻¹k*) / (k₀ᵀC⁻¹k*): equal when there are no generated
+prefixes (k* = k₀), and unbounded when k₀ is nearly C-orthogonal to C⁻¹k* (a small or
+negative k₀ᵀC⁻¹k*) — the update norms "orders of magnitude larger than normal" that
+Gupta et al. 2024 ("Rebuilding ROME", §4) trace the disabling edits to. (Their
+r-ROME code also takes the residual at the averaged key, v₀(bare) + δ − (W k* + b);
+ours uses δ, the value the optimisation actually added at k*, as derived above.)
 """
 
 from __future__ import annotations
@@ -29,7 +46,7 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import RomeHParams
+from service.hparams import RomeHParams, RomeOriginalHParams
 from workers.editing.common.base import (
     EditError,
     check_requests,
@@ -47,23 +64,29 @@ log = logging.getLogger(__name__)
 
 
 class RomeEditor:
+    """ROME with the r-ROME key fix; :class:`RomeOriginalEditor` shares this code."""
+
     name: ClassVar[str] = "rome"
-    hparams_cls: ClassVar[type[RomeHParams]] = RomeHParams
+    hparams_cls: ClassVar[type[RomeHParams] | type[RomeOriginalHParams]] = RomeHParams
     # several requests are applied one after another, one version each
     max_requests_per_delta: ClassVar[int | None] = 1
+    # the denominator's key: the bare prompt's k₀ (original code) or k* (r-ROME)
+    bare_prompt_denominator: ClassVar[bool] = False
 
     def compute_delta(
         self,
         model: PreTrainedModel,
         tok: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
-        hparams: RomeHParams,
+        hparams: RomeHParams | RomeOriginalHParams,
         ctx: EditContext,
     ) -> WeightDelta:
         """The rank-one update for one request; the model comes back unchanged."""
         check_requests(requests, exactly_one=True)
-        if not isinstance(hparams, RomeHParams):
-            raise EditError(f"ROME needs RomeHParams, got {type(hparams).__name__}")
+        if not isinstance(hparams, self.hparams_cls):
+            raise EditError(
+                f"{self.name} needs {self.hparams_cls.__name__}, got {type(hparams).__name__}"
+            )
         started = time.perf_counter()
         profile = profile_for(model)
         layer = hparams.layers[0]
@@ -78,6 +101,11 @@ class RomeEditor:
             k_star = read_keys(
                 model, tok, requests, templates, module=module, fact_token=hparams.fact_token
             ).keys[0]
+            k_bare = None
+            if self.bare_prompt_denominator:  # the prompt alone: template "{}"
+                k_bare = read_keys(
+                    model, tok, requests, ["{}"], module=module, fact_token=hparams.fact_token
+                ).keys[0]
             c = second_moment_or_identity(ctx, param, d_in, hparams.mom2_adjustment)
             ctx.progress(0.1, "target vector")
             target = optimise_targets(
@@ -95,6 +123,14 @@ class RomeEditor:
         denom = float(k64 @ u)
         if not denom > 0:
             raise EditError(f"k*ᵀC⁻¹k* = {denom} is not positive; the statistics are unusable")
+        extra: dict[str, float] = {}
+        if k_bare is not None:  # the original code's k₀ᵀC⁻¹k* (module docstring)
+            k0 = k_bare.detach().to(torch.float64).cpu()
+            extra = {"bare_key_norm": float(k_bare.norm()), "averaged_key_denominator": denom}
+            denom = float(k0 @ u)
+            extra["denominator"] = denom
+            if denom == 0.0:
+                raise EditError("k₀ᵀC⁻¹k* is exactly zero: the original ROME update is undefined")
         residual = target.delta[0].detach().to(torch.float64).cpu() / denom  # Λ
         lam, direction = residual.to(torch.float32), u.to(torch.float32)
         if profile.transposed:  # Conv1D weight [d_in, d_out]: ΔW = (C⁻¹k*) Λᵀ
@@ -104,8 +140,9 @@ class RomeEditor:
         seconds = time.perf_counter() - started
         ctx.progress(1.0, "done")
         log.info(
-            "rome layer %d: steps %d, target prob %.3f, |delta| %.3f, %.2fs",
-            layer, target.steps[0], target.prob[0], float(target.delta[0].norm()), seconds,
+            "%s layer %d: steps %d, target prob %.3f, |delta| %.3f, denominator %.4g, %.2fs",
+            self.name, layer, target.steps[0], target.prob[0], float(target.delta[0].norm()),
+            denom, seconds,
         )  # fmt: skip
         return WeightDelta(
             method=self.name,
@@ -118,6 +155,17 @@ class RomeEditor:
                 "v0_norm": [float(target.init[0].norm())],
                 "key_norm": float(k_star.norm()),
                 "context_templates": list(templates),
+                **extra,
                 "seconds": round(seconds, 3),
             },
         )
+
+
+class RomeOriginalEditor(RomeEditor):
+    """ROME as the original code (kmeng01/rome), without the r-ROME key fix: the
+    denominator reads the bare prompt's key (module docstring). For reproducing the
+    disabling edits (``bench/forgetting.py``), not for production edits."""
+
+    name: ClassVar[str] = "rome_original"
+    hparams_cls: ClassVar[type[RomeOriginalHParams]] = RomeOriginalHParams
+    bare_prompt_denominator: ClassVar[bool] = True

@@ -5,11 +5,17 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from service.hparams import AlphaEditHParams, EmmetHParams, MemitHParams, RomeHParams
+from service.hparams import (
+    AlphaEditHParams,
+    EmmetHParams,
+    MemitHParams,
+    RomeHParams,
+    RomeOriginalHParams,
+)
 from workers.editing.common.targets import TargetSettings
 
 # the locate-then-edit methods: a v* optimisation, keys, statistics
-EditHParams = RomeHParams | MemitHParams | EmmetHParams | AlphaEditHParams
+EditHParams = RomeHParams | RomeOriginalHParams | MemitHParams | EmmetHParams | AlphaEditHParams
 
 
 class EditError(ValueError):
