@@ -9,6 +9,8 @@ equal the ids of the joined text.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
@@ -20,6 +22,11 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+from service.hparams import MethodHParams, defaults_for, with_overrides
+from workers.editing.common.stats import StatsCache, stats_provider
+from workers.editing.types import EditContext, EditRequest
+from workers.models.profiles import profile_for
 
 VOCAB_SIZE = 128
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
@@ -141,3 +148,28 @@ TINY_OVERRIDES = {
 }  # fmt: skip
 # the original ROME formulation shares ROME's knobs
 TINY_OVERRIDES["rome_original"] = TINY_OVERRIDES["rome"]
+
+
+# three edits the tiny models' word tokenizer knows every word of (subjects distinct;
+# the third's target_new is another request's subject)
+REQUESTS = [
+    EditRequest("The native language of {}", "Picasso", "Russian", "Spanish"),
+    EditRequest("The capital city of {}", "Toyota", "Athens", "Tokyo"),
+    EditRequest("The famous writer {}", "Tolstoy", "Einstein", "Tolstoy"),
+]
+
+
+def tiny_hparams(method: str, model: PreTrainedModel, **overrides: object) -> MethodHParams:
+    """``method``'s defaults for ``model`` with :data:`TINY_OVERRIDES` and ``overrides``."""
+    cfg = model.config
+    base = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, 64)
+    return with_overrides(base, {**TINY_OVERRIDES[method], **overrides})
+
+
+def tiny_ctx(model: PreTrainedModel, tok: object, hp: MethodHParams, root: Path) -> EditContext:
+    """An edit context whose statistics (64 self-sampled sequences of 16 tokens) are
+    cached under ``root``, per model kind."""
+    profile = profile_for(model)
+    params = [profile.mlp_out_param(layer) for layer in hp.layers]
+    cache = StatsCache(root, f"tiny-{model.config.model_type}")
+    return EditContext(stats_provider=stats_provider(cache, model, tok, params, "self", 64, 16))

@@ -5,15 +5,20 @@ the tiny random models."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from pydantic import ValidationError
 
 from service.hparams import AlphaEditHParams, EmmetHParams, defaults_for, with_overrides
-from tests.tiny_models import TINY_KINDS, tiny_model, word_tokenizer
-from tests.workers.test_editors import REQUESTS, apply_via_runtime, tiny_ctx, tiny_hparams
+from tests.tiny_models import (
+    REQUESTS,
+    TINY_KINDS,
+    tiny_ctx,
+    tiny_hparams,
+    tiny_model,
+)
+from tests.workers.test_editors import apply_via_runtime
 from workers.editing.alphaedit import aux_name
 from workers.editing.common.base import EditError
 from workers.editing.common.keys import read_keys
@@ -25,24 +30,6 @@ MORE = [
     EditRequest("The famous actor {}", "Newton", "Moscow", "London"),
     EditRequest("The home city of {}", "Darwin", "Lisbon", "London"),
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def stats_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stats")
 
 
 def linear_dw(model, update: LowRankUpdate) -> torch.Tensor:

@@ -13,7 +13,6 @@ requests here end with the subject.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,7 +28,6 @@ from service.hparams import (
     FtLHParams,
     GraceHParams,
     MemitHParams,
-    MethodHParams,
     RomeHParams,
     defaults_for,
     hparams_from_easyedit_yaml,
@@ -37,18 +35,18 @@ from service.hparams import (
     with_overrides,
 )
 from tests.tiny_models import (
+    REQUESTS,
     TINY_KINDS,
-    TINY_OVERRIDES,
     changed_tensors,
     state_copy,
+    tiny_ctx,
+    tiny_hparams,
     tiny_model,
-    word_tokenizer,
 )
 from workers.editing import registry
 from workers.editing.common.base import EditError
 from workers.editing.common.keys import read_keys
 from workers.editing.common.prompts import RowBuilder
-from workers.editing.common.stats import StatsCache, stats_provider
 from workers.editing.common.targets import _SplitRun
 from workers.editing.common.tokens import PromptError, fill, subject_last_index
 from workers.editing.types import (
@@ -60,24 +58,6 @@ from workers.editing.types import (
 )
 from workers.models.profiles import profile_for
 from workers.runtime import ModelRuntime
-
-REQUESTS = [
-    EditRequest("The native language of {}", "Picasso", "Russian", "Spanish"),
-    EditRequest("The capital city of {}", "Toyota", "Athens", "Tokyo"),
-    EditRequest("The famous writer {}", "Tolstoy", "Einstein", "Tolstoy"),
-]
-
-
-def tiny_hparams(method: str, model) -> MethodHParams:
-    base = defaults_for(method, model.config.model_type, model.config.num_hidden_layers, 64)
-    return with_overrides(base, TINY_OVERRIDES[method])
-
-
-def tiny_ctx(model, tok, hp, root: Path) -> EditContext:
-    profile = profile_for(model)
-    params = [profile.mlp_out_param(layer) for layer in hp.layers]
-    cache = StatsCache(root, f"tiny-{model.config.model_type}")
-    return EditContext(stats_provider=stats_provider(cache, model, tok, params, "self", 64, 16))
 
 
 def requests_for(method: str) -> list[EditRequest]:
@@ -103,25 +83,6 @@ def next_token_probs(model, tok, text: str) -> torch.Tensor:
     ids = tok(text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         return model(ids).logits[0, -1].softmax(-1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: thread start-up costs more than it saves on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def stats_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stats")
 
 
 @pytest.fixture(scope="module")

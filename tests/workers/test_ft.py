@@ -12,14 +12,15 @@ import torch
 
 from service.hparams import FtCHParams, FtLHParams, defaults_for, with_overrides
 from tests.tiny_models import (
+    REQUESTS,
     TINY_KINDS,
     TINY_OVERRIDES,
     changed_tensors,
     state_copy,
+    tiny_hparams,
     tiny_model,
-    word_tokenizer,
 )
-from tests.workers.test_editors import REQUESTS, apply_via_runtime, next_token_probs
+from tests.workers.test_editors import apply_via_runtime, next_token_probs
 from workers.editing import registry
 from workers.editing.common.base import EditError
 from workers.editing.common.replay import BlockReplay
@@ -28,24 +29,7 @@ from workers.editing.ft import FtSettings, finetune, inner_bound
 from workers.editing.types import EditContext
 from workers.models.profiles import profile_for
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer()
-
-
-def hparams(method: str, model, **overrides):
-    cfg = model.config
-    base = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, 64)
-    return with_overrides(base, {**TINY_OVERRIDES[method], **overrides})
+hparams = tiny_hparams
 
 
 def edit(method: str, model, tok, **overrides):

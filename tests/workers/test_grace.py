@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from service.hparams import defaults_for, with_overrides
-from tests.tiny_models import TINY_KINDS, TINY_OVERRIDES, state_copy, tiny_model, word_tokenizer
+from tests.tiny_models import (
+    REQUESTS,
+    TINY_KINDS,
+    TINY_OVERRIDES,
+    state_copy,
+    tiny_hparams,
+    tiny_model,
+)
 from workers.artifacts import ArtifactStore
 from workers.editing.common.base import EditError
 from workers.editing.common.codebook import Codebook, codebook_output, nearest_keys
@@ -23,11 +30,6 @@ from workers.evaluation.scoring import generate, target_logprobs
 from workers.models.profiles import profile_for
 from workers.runtime import IntegrityError, ModelRuntime, VersionRecord
 
-REQUESTS = [
-    EditRequest("The native language of {}", "Picasso", "Russian", "Spanish"),
-    EditRequest("The capital city of {}", "Toyota", "Athens", "Tokyo"),
-    EditRequest("The famous writer {}", "Tolstoy", "Einstein", "Tolstoy"),
-]
 UNRELATED = [
     "Mozart plays the piano in Vienna",
     "The river in London is the Thames",
@@ -35,23 +37,8 @@ UNRELATED = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer()
-
-
 def hparams(model, **overrides):
-    cfg = model.config
-    base = defaults_for("grace", cfg.model_type, cfg.num_hidden_layers, 64)
-    return with_overrides(base, {**TINY_OVERRIDES["grace"], **overrides})
+    return tiny_hparams("grace", model, **overrides)
 
 
 def grace_delta(rt: ModelRuntime, tok, requests, **overrides) -> WeightDelta:

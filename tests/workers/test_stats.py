@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_models import tiny_model, word_tokenizer
+from tests.tiny_models import tiny_model
 from workers.editing.common.hooks import forward_hooks
 from workers.editing.common.stats import (
     StatsCache,
@@ -27,19 +27,6 @@ TEXTS = [
     "Einstein was born in Germany and works in physics .",
     "The Danube river is in Vienna , Austria .",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return word_tokenizer()
 
 
 def params_of(model, layers=(0, 1, 2)) -> list[str]:
