@@ -26,10 +26,11 @@ Defaults and their sources (see ``docs/editing.md`` for the measurements):
 - GRACE (:class:`GraceHParams`): EasyEdit's GRACE presets (zjunlp/EasyEdit
   ``hparams/GRACE/llama-7b.yaml``), the layer scaled to the depth (27 of 32 → 25 of 30,
   as PEERS.md ran it on SmolLM2).
-- Fine-tuning baselines (``ft_l``, ``ft_c``): 25 Adam steps at lr 5e-4, no weight
-  decay, one MLP output projection (zjunlp/EasyEdit ``hparams/FT/llama-7b.yaml``:
-  layer 21 of 32; kmeng01/rome ``hparams/FT/*.json``, the ROME paper's FT and FT+L
-  baselines, same steps and lr). FT-C's L∞ bound ε: ROME's presets use 5e-4
+- Fine-tuning baselines (``ft_l``, ``ft_c``): Adam at lr 5e-4, no weight decay, one
+  MLP output projection (zjunlp/EasyEdit ``hparams/FT/llama-7b.yaml``: layer 21 of 32;
+  kmeng01/rome ``hparams/FT/*.json``, the ROME paper's FT and FT+L baselines, same
+  lr), at most 100 steps where the presets run 25: a single edit stops early within
+  ~30 either way, a batch of 16 needs ~75 (measured, ``docs/editing.md``). FT-C's L∞ bound ε: ROME's presets use 5e-4
   (GPT-2 XL), 1e-3 (GPT-2 large), 2e-3 (GPT-2 medium), 5e-5 (GPT-J), all at layer 0;
   ours is measured on SmolLM2 (``docs/editing.md``). ``stop_prob`` (early stop) is
   ours; EasyEdit stops at a loss below 0.01.
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 _REF_D_MLP = 11008
 _REF_LAMBDA = 15000.0
 # FT-C's L∞ bound ε (see the module docstring and docs/editing.md)
-_FT_C_EPSILON = 2e-3
+_FT_C_EPSILON = 4e-3
 # EMMET's λ for a LLaMA (zjunlp/EasyEdit hparams/EMMET/llama3.2-3b.yaml), scaled alike
 _REF_EMMET_LAMBDA = 100000.0
 
@@ -267,7 +268,7 @@ class _FtHParams(MethodHParams):
     ``layers``, minimising the mean per-token NLL of ``" " + target_new`` after the
     prompt, stopping early once every request's target is reached."""
 
-    num_steps: int = Field(25, ge=1, le=1000, description="Adam steps at most")
+    num_steps: int = Field(100, ge=1, le=1000, description="Adam steps at most")
     lr: float = Field(5e-4, gt=0, description="Adam learning rate")
     stop_prob: float = Field(
         0.9,
@@ -299,9 +300,10 @@ class FtCHParams(_FtHParams):
 
     @classmethod
     def defaults(cls, model_type: str, num_layers: int, d_mlp: int) -> Self:
-        """Layer 0, as all of ROME's constrained presets; ε = 2e-3, ROME's value for its
-        smallest model (GPT-2 medium), the smallest that kept ES 1.00 on SmolLM2
-        (layer 0 beat layer 20 there: docs/editing.md)."""
+        """Layer 0, as all of ROME's constrained presets (layer 0 beat layer 20 on
+        SmolLM2: docs/editing.md); ε = 4e-3, twice ROME's value for its smallest model
+        (GPT-2 medium): 2e-3 keeps ES 1.00 for single edits on SmolLM2 but reaches
+        only 0.75 in a batch of 16, the service's default batch."""
         return cls(layers=(0,), norm_constraint=_FT_C_EPSILON)
 
 

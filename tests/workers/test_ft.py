@@ -161,10 +161,10 @@ def test_defaults_and_overrides():
     ft_l, ft_c = defaults_for("ft_l", "llama", 30, 1536), defaults_for("ft_c", "llama", 30, 1536)
     assert isinstance(ft_l, FtLHParams) and isinstance(ft_c, FtCHParams)
     assert ft_l.layers == (20,)  # PEERS.md's FT-L layer on SmolLM2
-    assert ft_c.layers == (0,) and ft_c.norm_constraint == 2e-3  # ROME's FT+L layer
+    assert ft_c.layers == (0,) and ft_c.norm_constraint == 4e-3  # ROME's FT+L layer
     assert defaults_for("ft_l", "llama", 32, 11008).layers == (21,)  # EasyEdit llama-7b
     assert defaults_for("ft_l", "llama", 4, 64).layers == (3,)
-    assert (ft_l.num_steps, ft_l.lr) == (25, 5e-4)  # EasyEdit / ROME
+    assert (ft_l.num_steps, ft_l.lr) == (100, 5e-4)  # lr: EasyEdit / ROME; steps: measured
     assert not hasattr(ft_l, "norm_constraint") and ft_c.norm_constraint > 0
     assert not hasattr(ft_c, "mom2_dataset")  # no statistics for the worker to compute
     with pytest.raises(ValueError, match="norm_constraint"):
