@@ -227,6 +227,11 @@ def test_lm_eval_result_equals_a_direct_computation(kind: str, bos: bool) -> Non
         if task.headline == "acc":
             assert got["metrics"][f"{name}_acc"] == detail["acc"]
         macro.append(f1)
+        brier = 0.0
+        for row, gold in zip(lls, golds, strict=True):
+            probs = torch.softmax(torch.tensor(row, dtype=torch.float64), 0).tolist()
+            brier += sum((q - (i == gold)) ** 2 for i, q in enumerate(probs)) / len(golds)
+        assert detail["brier"] == pytest.approx(brier, abs=1e-4)
         assert detail["label_tokens"] == {w: len(" " + w) for w in task.choices}
     assert got["metrics"]["macro_f1"] == pytest.approx(sum(macro) / len(macro), abs=1e-12)
     json.dumps(got)  # stored in the ledger

@@ -354,6 +354,9 @@ def _task_config(task: LocalTask, docs: list[dict]) -> dict[str, Any]:
         "metric_list": [
             {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
             {"metric": "f1", "aggregation": weighted_f1, "higher_is_better": True},
+            # lm-eval's Brier score of the label distribution (softmax of the labels'
+            # log-likelihoods): continuous, so it moves even while the argmax does not
+            {"metric": "brier_score", "aggregation": "brier_score", "higher_is_better": False},
         ],
         "metadata": {"version": 1},
     }
@@ -433,6 +436,7 @@ def _run_local(
     result = _evaluate(_make_lm(model, tok, batch), task_obj, task_obj.config.task, None)
     scores = result["results"][task_obj.config.task]
     acc, f1 = float(scores["acc,none"]), float(scores["f1,none"])
+    brier = float(scores["brier_score,none"])
     examples = []
     for s in sorted(result["samples"][task_obj.config.task], key=lambda s: s["doc_id"]):
         lls = [float(r[0]) for r in s["filtered_resps"]]
@@ -447,6 +451,7 @@ def _run_local(
         "shots": p.shots,
         "acc": acc,
         "f1": f1,
+        "brier": brier,
         "headline": task.headline,
         "choices": list(task.choices),
         "label_tokens": dict(zip(task.choices, _label_tokens(tok, task), strict=True)),
