@@ -327,6 +327,11 @@ def test_bad_data_raises_value_error(tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="label out of range"):
         run_suite(model, tok, {"tasks": ["mmlu"], "shots": 0, "data_dir": str(tmp_path)})
+    (tmp_path / "mmlu.jsonl").write_text(
+        '{"pos": 10, "question": "q", "choices": ["a", "b", "c"], "answer": 1}\n'
+    )
+    with pytest.raises(ValueError, match="line 1: cannot render it"):
+        run_suite(model, tok, {"tasks": ["mmlu"], "shots": 0, "data_dir": str(tmp_path)})
 
 
 def test_an_unknown_lm_eval_task_raises_value_error() -> None:

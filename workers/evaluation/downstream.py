@@ -266,7 +266,12 @@ def read_task_file(task: LocalTask, path: Path) -> tuple[list[dict], list[dict]]
                 raise ValueError(f"{path.name} line {lineno}: bad label ({exc})") from None
             if not 0 <= gold < len(task.choices):
                 raise ValueError(f"{path.name} line {lineno}: label out of range")
-            (pool if int(doc.get("pos", index)) < POOL_SIZE else tests).append(doc)
+            try:
+                task.demo(doc, task.choices[gold])  # four choices where four are shown
+                pos = int(doc.get("pos", index))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path.name} line {lineno}: cannot render it ({exc})") from None
+            (pool if pos < POOL_SIZE else tests).append(doc)
     return pool, tests
 
 
