@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -56,6 +56,24 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
     core.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=EOS
+    )
+
+
+def char_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """A character-level fast tokenizer over ASCII that fits the tiny vocabulary: id i
+    is ``chr(i)`` for 3 ≤ i < 128 (ids 0–2 are pad, eos, unk), so any English text —
+    label words, prompts with newlines — tokenizes, every word is several tokens, and
+    decoding gives the text back. With ``bos`` it puts ``<eos>`` (the tiny models' BOS)
+    before every text it encodes with special tokens, as LLaMA's tokenizer does."""
+    vocab = {PAD: 0, EOS: 1, UNK: 2, **{chr(i): i for i in range(3, VOCAB_SIZE)}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    core.decoder = decoders.Fuse()
+    if bos:
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{EOS} $A", special_tokens=[(EOS, 1)]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token=PAD, eos_token=EOS, unk_token=UNK, bos_token=EOS
     )

@@ -1,0 +1,29 @@
+"""bench/downstream.py on a tiny random LLaMA with the fixture task files (the real
+SmolLM2 run is the lead's, on the full sets)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.downstream import score, table
+from tests.tiny_models import char_tokenizer, tiny_model
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "downstream"
+
+
+def test_score_and_table() -> None:
+    model, tok = tiny_model("llama"), char_tokenizer()
+    echoed: list[str] = []
+    res = score(model, tok, ["sst2", "mmlu"], 1, 3, FIXTURES, echo=echoed.append)
+    assert list(res["tasks"]) == ["sst2", "mmlu"] and len(echoed) == 2
+    sst2, mmlu = res["tasks"]["sst2"], res["tasks"]["mmlu"]
+    assert (sst2["examples"], sst2["metric"], sst2["score"]) == (3, "f1", res["metrics"]["sst2_f1"])
+    assert (mmlu["metric"], mmlu["score"]) == ("acc", res["metrics"]["mmlu_acc"])
+    assert sum(sst2["predicted"].values()) == 3 and sst2["gold"] == {"negative": 1, "positive": 2}
+    # the 64-position model has no room for the demonstration: the table says so
+    lines = table(res).splitlines()
+    assert lines[2].startswith("| sst2 | 3 | 1 (≥0 fit) | weighted F1 |")
+    assert lines[3].startswith("| mmlu | 3 | 1 (≥0 fit) | accuracy |")
+    assert (
+        lines[-1].startswith("| **macro** |") and f"{res['metrics']['macro_f1']:.3f}" in lines[-1]
+    )
