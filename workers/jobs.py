@@ -37,6 +37,7 @@ from service.models import (
     ArtifactKind,
     Edit,
     EditStatus,
+    Evaluation,
     Job,
     JobKind,
     JobStatus,
@@ -205,6 +206,12 @@ def requeue_unfinished(state: WorkerState, queue: Queue) -> int:
                 # would otherwise find it running and do nothing
                 job.status = JobStatus.queued
                 job.message = "put back in the queue: the worker running it stopped"
+                if job.kind is JobKind.evaluation:
+                    s.execute(
+                        update(Evaluation)
+                        .where(Evaluation.job_id == job.id)
+                        .values(status=JobStatus.queued)
+                    )
             if status in (RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED):
                 n += was_running
                 continue

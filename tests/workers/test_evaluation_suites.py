@@ -17,7 +17,9 @@ from workers.evaluation import counterfact, retention
 from workers.evaluation.scoring import counterfact_scores, target_logprobs
 from workers.evaluation.suites import SUITES, load_suite
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+SHARED_DATA = Path(
+    os.environ.get("MEMEDIT_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data"
+)
 
 FACTS = [
     ("{} was born in", "Mozart", "Vienna", "Rome"),
@@ -130,7 +132,7 @@ def test_counterfact_suite_on_the_shared_dev_file(llama: tuple[Any, Any]) -> Non
     if not path.is_file():
         if os.environ.get("CI") == "true":
             pytest.fail(f"{path} is missing in CI")
-        pytest.skip(f"{path} is absent (the shared data sits beside the checkout)")
+        pytest.skip(f"{path} is absent (set MEMEDIT_SHARED_DATA)")
     out = counterfact.run_suite(*llama, {"data_path": str(path), "limit": 4})
     assert out["metrics"]["count"] == 4.0
     assert len(out["details"]["records"]) == 4
