@@ -276,7 +276,7 @@ class EvaluationPolicy(_Params):
 
     name: PolicyName | None = Field(None, description="unique per model; default: the suite's name")
     suite: SuiteName
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
     every_versions: int = Field(ge=1, le=100_000)
     thresholds: dict[Annotated[str, StringConstraints(min_length=1, max_length=64)], Threshold] = (
         Field(default_factory=dict)

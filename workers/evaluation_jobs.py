@@ -37,6 +37,7 @@ import torch
 from redis import Redis
 from rq import get_current_job
 from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service import ledger, queue
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 
 # params that name files or folders under the worker's data root
 PATH_PARAMS = ("data_path", "data_dir")
+# the downstream suite's task files when the client names no data_dir (as in ../shared/data)
+DEFAULT_DOWNSTREAM_DIR = "downstream"
 
 
 def _now() -> datetime:
@@ -140,8 +143,11 @@ def prepare_params(
     state: WorkerState, suite: str, params: Mapping[str, Any], edits: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     """The suite's params as it gets them: paths made absolute inside the data root
-    (``ValueError`` for a path outside it), the chain's edits for ``retention``."""
+    (``ValueError`` for a path outside it; ``downstream`` reads ``<root>/downstream``
+    unless given a ``data_dir``), the chain's edits for ``retention``."""
     out = dict(params)
+    if suite == "downstream" and out.get("data_dir") is None:
+        out["data_dir"] = DEFAULT_DOWNSTREAM_DIR
     for key in PATH_PARAMS:
         if out.get(key) is not None:
             out[key] = str(resolve_data_path(state.settings.data_root, str(out[key])))
@@ -344,8 +350,17 @@ def _queue_rollback(s: Session, state: WorkerState, ev: Evaluation) -> tuple[str
 
 def schedule(s: Session, state: WorkerState, number: int) -> list[str]:
     """Add the evaluation jobs the model's policies ask for after version ``number``
-    (in the caller's transaction); returns their ids for :func:`enqueue`."""
-    return ledger.schedule_policy_evaluations(s, state.model_id, number)
+    (in the caller's transaction); returns their ids for :func:`enqueue`.
+
+    Runs in a savepoint: a failure here is logged and schedules nothing, but never
+    fails the version's commit (an edit must not be lost to its monitoring).
+    """
+    try:
+        with s.begin_nested():
+            return ledger.schedule_policy_evaluations(s, state.model_id, number)
+    except (SQLAlchemyError, LookupError, ValueError):
+        log.exception("could not schedule the policy evaluations of version %d", number)
+        return []
 
 
 def enqueue(state: WorkerState, job_ids: Sequence[str]) -> None:

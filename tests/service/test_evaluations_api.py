@@ -250,6 +250,10 @@ def test_policy_is_set_validated_and_shown(client: TestClient, clean_db: Engine)
         ({"evaluations": [{**POLICY, "thresholds": {}}]}, "evaluations.0"),
         ({"evaluations": [{**POLICY, "params": {"edits": []}}]}, "evaluations.0.params"),
         ({"evaluations": [POLICY, POLICY]}, "evaluations"),
+        (
+            {"evaluations": [{"suite": "counterfact", "every_versions": 5}]},
+            "evaluations.0.params",
+        ),
     ]
     for body, field in bad_cases:
         r = client.put(f"/v1/models/{MODEL}/policy", json=body)
@@ -320,3 +324,17 @@ def test_every_suite_has_a_param_schema() -> None:
     assert set(SUITE_PARAMS) == set(SUITE_NAMES)
     assert check_suite_params("downstream", {}) == {}
     assert check_suite_params("retention", {"limit": 5}) == {"limit": 5}
+
+
+def test_a_stored_policy_that_no_longer_validates_is_skipped(
+    client: TestClient, versions: Engine
+) -> None:
+    with Session(versions) as s:
+        model = ledger.get_model(s, MODEL)
+        model.policy = {
+            **model.policy,
+            "evaluations": [{"suite": "retention", "every_versions": 0}, POLICY],
+        }
+        s.commit()
+        assert [p.key for p in ledger.model_policies(model)] == ["forgetting"]
+        assert len(ledger.schedule_policy_evaluations(s, model.id, 2)) == 1

@@ -196,3 +196,22 @@ def test_registry_names_the_five_suites_the_service_knows() -> None:
     assert load_suite("retention") is retention.run_suite
     with pytest.raises(ValueError, match="unknown suite 'bleu'"):
         load_suite("bleu")
+
+
+def test_the_job_resolves_paths_and_defaults_the_downstream_folder(tmp_path: Path) -> None:
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from workers.evaluation_jobs import prepare_params  # noqa: PLC0415
+
+    state: Any = SimpleNamespace(settings=SimpleNamespace(data_root=tmp_path))
+    root = tmp_path.resolve()
+    assert prepare_params(state, "downstream", {}, []) == {"data_dir": str(root / "downstream")}
+    assert prepare_params(state, "downstream", {"data_dir": "gcf"}, []) == {
+        "data_dir": str(root / "gcf")
+    }
+    got = prepare_params(state, "counterfact", {"data_path": "a/b.jsonl", "limit": 2}, [])
+    assert got == {"data_path": str(root / "a" / "b.jsonl"), "limit": 2}
+    edits = [{"edit_id": 1}]
+    assert prepare_params(state, "retention", {"limit": 3}, edits) == {"limit": 3, "edits": edits}
+    with pytest.raises(ValueError, match="outside the worker's data root"):
+        prepare_params(state, "zsre", {"data_path": "/etc/hosts"}, [])
