@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import ledger, queue
 from service.errors import InvalidInput, ServiceError
-from service.models import Edit, EditStatus, Job, Version
+from service.evaluations import SuiteName
+from service.models import Edit, EditStatus, Evaluation, Job, Model, Version
 from service.schemas import (
     DEFAULT_NEW_TOKENS,
     EditCreate,
@@ -36,11 +37,16 @@ from service.schemas import (
     EditsPublic,
     ErrorItem,
     ErrorPublic,
+    EvaluationCreate,
+    EvaluationJobCreated,
+    EvaluationPublic,
+    EvaluationsPublic,
     GenerateRequest,
     GenerateResponse,
     JobCreated,
     JobPublic,
     ModelPublic,
+    PolicyUpdate,
     RollbackCreate,
     ScoreRequest,
     ScoreResponse,
@@ -162,16 +168,20 @@ def healthz(session: SessionDep, redis: RedisDep) -> JSONResponse:
 @router.get("/v1/models", tags=["models"])
 def list_models(session: SessionDep) -> list[ModelPublic]:
     """The configured models and their head version (null until a worker registered one)."""
-    return [
-        ModelPublic(
-            name=m.name,
-            source=m.source,
-            architecture=m.architecture,
-            head_version=head,
-            policy=dict(m.policy or {}),
-        )
-        for m, head in ledger.list_models(session)
-    ]
+    return [_model_public(m, head) for m, head in ledger.list_models(session)]
+
+
+@router.put("/v1/models/{model}/policy", responses=_ERRORS, tags=["models"])
+def set_policy(model: str, body: PolicyUpdate, session: SessionDep) -> ModelPublic:
+    """Replace the model's evaluation policy: suites run after every version whose
+    number is a multiple of ``every_versions``, compared with ``thresholds``; a
+    breach raises an alert and, with ``action: rollback``, queues a rollback to the
+    last healthy version. Applies to versions committed from now on."""
+    row = ledger.set_evaluation_policy(session, model, body.evaluations)
+    head = ledger.head_version_number(session, row.id)
+    public = _model_public(row, head)
+    session.commit()
+    return public
 
 
 @router.post(
@@ -262,6 +272,80 @@ def create_rollback(
     return JobCreated(job_id=job_id)
 
 
+@router.post(
+    "/v1/models/{model}/evaluations",
+    status_code=http.HTTP_202_ACCEPTED,
+    responses=_ERRORS,
+    tags=["evaluations"],
+)
+def create_evaluation(
+    model: str,
+    body: EvaluationCreate,
+    session: SessionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    response: Response,
+) -> EvaluationJobCreated:
+    """Queue a job running ``suite`` on ``version`` (default: the head now). The
+    result is stored against that version; poll ``/v1/jobs/{job_id}`` or list the
+    model's evaluations."""
+    job, evaluation = ledger.create_evaluation_job(
+        session, model, body.suite, body.version, body.params
+    )
+    created = EvaluationJobCreated(
+        job_id=job.id, evaluation_id=evaluation.id, version=evaluation.version
+    )
+    session.commit()
+    queue.enqueue_evaluation(redis, settings, model, job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return created
+
+
+@router.get("/v1/models/{model}/evaluations", responses=_ERRORS, tags=["evaluations"])
+def list_evaluations(
+    model: str,
+    session: SessionDep,
+    suite: Annotated[SuiteName | None, Query(description="only this suite")] = None,
+    version: Annotated[int | None, Query(ge=0, description="only this version")] = None,
+    details: Annotated[bool, Query(description="include each run's details")] = False,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> EvaluationsPublic:
+    """The model's evaluations as a time series: by version, then in the order asked."""
+    page = ledger.list_evaluations(
+        session, model, suite, version=version, limit=limit, cursor=cursor
+    )
+    return EvaluationsPublic(
+        items=[_evaluation_public(e, details) for e in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get(
+    "/v1/models/{model}/evaluations/{evaluation_id}", responses=_ERRORS, tags=["evaluations"]
+)
+def get_evaluation(model: str, evaluation_id: int, session: SessionDep) -> EvaluationPublic:
+    """One evaluation with its details."""
+    return _evaluation_public(ledger.get_evaluation(session, model, evaluation_id), True)
+
+
+@router.get("/v1/models/{model}/alerts", responses=_ERRORS, tags=["evaluations"])
+def list_alerts(
+    model: str,
+    session: SessionDep,
+    suite: Annotated[SuiteName | None, Query(description="only this suite")] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> EvaluationsPublic:
+    """The evaluations that raised an alert (a threshold breached, or a thresholded
+    metric missing), by version; ``alert`` says what was done about it."""
+    page = ledger.list_evaluations(
+        session, model, suite, alerts_only=True, limit=limit, cursor=cursor
+    )
+    return EvaluationsPublic(
+        items=[_evaluation_public(e, False) for e in page.items], next_cursor=page.next_cursor
+    )
+
+
 @router.post("/v1/models/{model}/score", responses=_SYNC_ERRORS, tags=["reads"])
 def score(
     model: str, body: ScoreRequest, session: SessionDep, redis: RedisDep, settings: SettingsDep
@@ -308,6 +392,37 @@ def _release_after_lookup(session: Session, model: str) -> None:
 
 
 # -- ORM rows -> public schemas ---------------------------------------------------------
+
+
+def _model_public(m: Model, head: int | None) -> ModelPublic:
+    return ModelPublic(
+        name=m.name,
+        source=m.source,
+        architecture=m.architecture,
+        head_version=head,
+        policy=dict(m.policy or {}),
+    )
+
+
+def _evaluation_public(e: Evaluation, details: bool) -> EvaluationPublic:
+    return EvaluationPublic(
+        id=e.id,
+        job_id=e.job_id,
+        suite=e.suite,
+        version=e.version,
+        params=dict(e.params or {}),
+        status=e.status,
+        metrics=e.metrics,
+        details=e.details if details else None,
+        error=e.error,
+        policy=e.policy,
+        passed=e.passed,
+        alert=e.alert,
+        timing=e.timing or {},
+        created_at=e.created_at,
+        started_at=e.started_at,
+        finished_at=e.finished_at,
+    )
 
 
 def _edit_public(e: Edit) -> EditPublic:

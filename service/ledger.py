@@ -1,4 +1,5 @@
-"""Ledger operations used by the API (and the CLI): models, jobs, edits, versions.
+"""Ledger operations used by the API (and the CLI): models, jobs, edits, versions,
+evaluations and the models' evaluation policies.
 
 Every function takes a :class:`~sqlalchemy.orm.Session` and leaves committing to
 the caller (the API commits a new job before it enqueues it). Failures are domain
@@ -23,12 +24,22 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, selectinload
 
 from service.errors import InvalidInput, NotFound
-from service.models import Edit, EditStatus, Job, JobKind, JobStatus, Model, Version
+from service.evaluations import EvaluationPolicy, check_suite_params
+from service.models import (
+    Edit,
+    EditStatus,
+    Evaluation,
+    Job,
+    JobKind,
+    JobStatus,
+    Model,
+    Version,
+)
 from service.schemas import Batching, EditRequestIn
 from service.settings import Settings
 from service.validation import check_hparams, check_method
@@ -64,7 +75,7 @@ def sync_models(session: Session, settings: Settings) -> list[str]:
             .values(
                 name=name,
                 source=spec.source,
-                policy=spec.policy(),
+                policy={**spec.policy(), "evaluations": spec.initial_evaluations()},
             )
             .on_conflict_do_nothing(index_elements=[Model.name])
             .returning(Model.id)
@@ -290,21 +301,229 @@ def _page(rows: list[T], limit: int, kind: str, key: Any) -> Page[T]:
     return Page(items=items, next_cursor=_encode_cursor(kind, key(items[-1])))
 
 
-def _encode_cursor(kind: str, after: int) -> str:
+def _encode_cursor(kind: str, after: int | list[int]) -> str:
     raw = json.dumps({"k": kind, "a": after}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str | None, kind: str) -> int | None:
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _decode_cursor(cursor: str | None, kind: str) -> Any:
+    """The position a cursor of listing ``kind`` resumes after: an int, or for the
+    evaluation listings a ``[version, id]`` pair."""
     if cursor is None or cursor == "":
         return None
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         data = json.loads(raw)
         after = data["a"]
-        ok = data["k"] == kind and isinstance(after, int) and not isinstance(after, bool)
+        shape_ok = (
+            _is_int(after)
+            if kind in ("edits", "versions")
+            else isinstance(after, list) and len(after) == 2 and all(map(_is_int, after))
+        )
+        ok = data["k"] == kind and shape_ok
     except (binascii.Error, ValueError, TypeError, KeyError):
         ok = False
     if not ok:
         raise InvalidInput("cursor", f"is not a cursor returned by this {kind} listing")
     return after
+
+
+# -- evaluations ------------------------------------------------------------------------
+
+
+def create_evaluation_job(
+    session: Session,
+    model_name: str,
+    suite: str,
+    version: int | None,
+    params: Mapping[str, Any] | None,
+) -> tuple[Job, Evaluation]:
+    """Add an evaluation job and its queued evaluation row.
+
+    ``version`` None means the head version now (the number is fixed here, so the
+    evaluation measures that version even if edits land before it runs). Raises
+    :class:`InvalidInput` naming the field for an unknown suite or bad params, and
+    :class:`NotFound` (``version``) for a version the model does not have.
+    """
+    model = get_model(session, model_name)
+    checked = check_suite_params(suite, params)
+    row = _version_row(session, model, version)
+    job, evaluation = _add_evaluation(session, model.id, row, suite, checked)
+    log.info(
+        "job %s: %s evaluation %d of %s version %d",
+        job.id, suite, evaluation.id, model_name, row.number,
+    )  # fmt: skip
+    return job, evaluation
+
+
+def _version_row(session: Session, model: Model, version: int | None) -> Version:
+    number = head_version_number(session, model.id) if version is None else version
+    row = (
+        None
+        if number is None
+        else session.scalar(
+            select(Version).where(Version.model_id == model.id, Version.number == number)
+        )
+    )
+    if row is None:
+        head = head_version_number(session, model.id)
+        have = (
+            "it has no versions yet (no worker has registered it)"
+            if head is None
+            else f"its versions are 0..{head}"
+        )
+        raise NotFound(
+            "version", f"version {number} does not exist for model {model.name!r} ({have})"
+        )
+    return row
+
+
+def _add_evaluation(
+    session: Session,
+    model_id: int,
+    version: Version,
+    suite: str,
+    params: dict[str, Any],
+    policy: EvaluationPolicy | None = None,
+) -> tuple[Job, Evaluation]:
+    job = Job(
+        model_id=model_id,
+        kind=JobKind.evaluation,
+        status=JobStatus.queued,
+        progress=0.0,
+        payload={"suite": suite, "version": version.number},
+    )
+    session.add(job)
+    session.flush()
+    evaluation = Evaluation(
+        model_id=model_id,
+        job_id=job.id,
+        version=version.number,
+        version_id=version.id,
+        suite=suite,
+        params=params,
+        status=JobStatus.queued,
+        policy=policy.key if policy is not None else None,
+        policy_spec=policy.model_dump(mode="json") if policy is not None else None,
+        timing={},
+    )
+    session.add(evaluation)
+    session.flush()
+    job.payload = {**job.payload, "evaluation_id": evaluation.id}
+    session.flush()
+    return job, evaluation
+
+
+def model_policies(model: Model) -> list[EvaluationPolicy]:
+    """The model's evaluation policies (entries that no longer validate are skipped
+    with a warning: a policy stored by an older version of the code)."""
+    out = []
+    for i, raw in enumerate((model.policy or {}).get("evaluations") or []):
+        try:
+            out.append(EvaluationPolicy.model_validate(raw))
+        except ValidationError as exc:
+            log.warning(
+                "model %s: evaluation policy %d is invalid, skipped: %s", model.name, i, exc
+            )
+    return out
+
+
+def schedule_policy_evaluations(session: Session, model_id: int, number: int) -> list[str]:
+    """Add the evaluation jobs the model's policies ask for after version ``number``.
+
+    A policy with ``every_versions`` N is due when ``number`` is a positive
+    multiple of N. Idempotent: a policy that already has an evaluation of this
+    version gets no second one (and the table's unique constraint on model,
+    version and policy backs that up). Call it in the transaction that commits the
+    version, so that the evaluation exists exactly when the version does; enqueue
+    the returned job ids after the commit.
+    """
+    model = session.get(Model, model_id)
+    if model is None or number <= 0:
+        return []
+    due = [p for p in model_policies(model) if number % p.every_versions == 0]
+    if not due:
+        return []
+    version = session.scalar(
+        select(Version).where(Version.model_id == model_id, Version.number == number)
+    )
+    if version is None:
+        raise LookupError(f"version {number} of model {model.name!r} is not in the ledger")
+    taken = set(
+        session.scalars(
+            select(Evaluation.policy).where(
+                Evaluation.model_id == model_id,
+                Evaluation.version == number,
+                Evaluation.policy.in_([p.key for p in due]),
+            )
+        )
+    )
+    jobs = []
+    for p in due:
+        if p.key in taken:
+            continue
+        job, evaluation = _add_evaluation(session, model_id, version, p.suite, p.params, p)
+        jobs.append(job.id)
+        log.info(
+            "policy %s: %s evaluation %d of %s version %d (job %s)",
+            p.key, p.suite, evaluation.id, model.name, number, job.id,
+        )  # fmt: skip
+    return jobs
+
+
+def set_evaluation_policy(
+    session: Session, model_name: str, policies: Sequence[EvaluationPolicy]
+) -> Model:
+    """Replace the model's evaluation policies (the rest of its policy stays)."""
+    model = get_model(session, model_name)
+    model.policy = {
+        **(model.policy or {}),
+        "evaluations": [p.model_dump(mode="json") for p in policies],
+    }
+    session.flush()
+    log.info("model %s: evaluation policy %s", model_name, [p.key for p in policies])
+    return model
+
+
+def get_evaluation(session: Session, model_name: str, evaluation_id: int) -> Evaluation:
+    model = get_model(session, model_name)
+    row = session.scalar(
+        select(Evaluation).where(Evaluation.model_id == model.id, Evaluation.id == evaluation_id)
+    )
+    if row is None:
+        raise NotFound("evaluation_id", f"unknown evaluation {evaluation_id} of {model_name!r}")
+    return row
+
+
+def list_evaluations(
+    session: Session,
+    model_name: str,
+    suite: str | None = None,
+    *,
+    version: int | None = None,
+    alerts_only: bool = False,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page[Evaluation]:
+    """A page of the model's evaluations as a time series: by ascending version
+    number, then in the order they were asked for (id). ``alerts_only``: only
+    evaluations that raised an alert (the ``alerts`` listing, its own cursors)."""
+    model = get_model(session, model_name)
+    _check_limit(limit)
+    kind = "alerts" if alerts_only else "evaluations"
+    after = _decode_cursor(cursor, kind)
+    query = select(Evaluation).where(Evaluation.model_id == model.id)
+    if suite is not None:
+        query = query.where(Evaluation.suite == suite)
+    if version is not None:
+        query = query.where(Evaluation.version == version)
+    if alerts_only:
+        query = query.where(Evaluation.alert.is_not(None))
+    if after is not None:
+        query = query.where(tuple_(Evaluation.version, Evaluation.id) > tuple_(*after))
+    rows = list(session.scalars(query.order_by(Evaluation.version, Evaluation.id).limit(limit + 1)))
+    return _page(rows, limit, kind, lambda e: [e.version, e.id])

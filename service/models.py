@@ -13,6 +13,9 @@ derived: base weights (+ the snapshot nearest below N) + the ordered deltas.
   a rollback (which carries no delta). Kind ``base`` is version 0.
 - ``artifacts``: files in the artifact store (deltas, snapshots, statistics),
   named by sha256.
+- ``evaluations``: one run of an evaluation suite on one version (its metrics,
+  details and any alert); a job of kind ``evaluation`` runs it. ``policy`` names
+  the model policy that queued it (unique per model, version and policy).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Enum,
     Float,
@@ -60,6 +64,7 @@ def _enum(cls: type[enum.Enum], name: str) -> Enum:
 class JobKind(str, enum.Enum):
     edit = "edit"
     rollback = "rollback"
+    evaluation = "evaluation"
 
 
 class JobStatus(str, enum.Enum):
@@ -199,3 +204,46 @@ class Version(Base):
     edits: Mapped[list[Edit]] = relationship(back_populates="version")
     delta_artifact: Mapped[Artifact | None] = relationship(foreign_keys=[delta_artifact_id])
     snapshot_artifact: Mapped[Artifact | None] = relationship(foreign_keys=[snapshot_artifact_id])
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+    __table_args__ = (
+        # one run per version and policy (manual runs have no policy: NULLs are distinct)
+        UniqueConstraint(
+            "model_id", "version", "policy", name="uq_evaluations_model_version_policy"
+        ),
+        Index("ix_evaluations_model_suite_version", "model_id", "suite", "version", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    # the version evaluated: its number, and the row (which pins the number's meaning)
+    version: Mapped[int] = mapped_column(Integer)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    suite: Mapped[str] = mapped_column(String(32))
+    # the validated request; the worker's additions (resolved paths, the ledger's
+    # edits for retention) are not stored here
+    params: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    status: Mapped[JobStatus] = mapped_column(
+        _enum(JobStatus, "job_status"), default=JobStatus.queued
+    )
+    # flat {name: number}: the time series over versions, what thresholds compare
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(Text)
+    # the policy that queued the run (None: asked for over the API) and its
+    # definition then (suite, params, every_versions, thresholds, action)
+    policy: Mapped[str | None] = mapped_column(String(64))
+    policy_spec: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # with thresholds: whether the metrics stayed within them (None: no thresholds
+    # or not finished)
+    passed: Mapped[bool | None] = mapped_column(Boolean)
+    # breaches, missing metrics, the action taken (rollback job, or why not)
+    alert: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    # seconds: sync, suite, total
+    timing: Mapped[dict[str, float]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -4,7 +4,9 @@ The API never imports torch or :mod:`workers`: jobs name their function as a
 string that only the worker process resolves. Two kinds of work:
 
 - Edit and rollback jobs go to ``settings.edit_queue(model)`` as
-  ``workers.jobs.run_job(job_id)``, with the rq job id equal to the ledger job id.
+  ``workers.jobs.run_job(job_id)``, with the rq job id equal to the ledger job id;
+  evaluation jobs go the same way to ``settings.eval_queue(model)``, which the
+  writer serves after its edits (:func:`enqueue_evaluation`).
   The caller commits the ledger row first; Redis only carries the id, and a
   worker re-enqueues ledger jobs that Redis lost.
 - Score and generate go to ``settings.read_queue(model)`` and the API waits for
@@ -41,9 +43,12 @@ _READ_RESULT_TTL_S = 60
 _READ_GRACE_S = 10
 
 
-def enqueue_job(redis: Redis, settings: Settings, model: str, job_id: str) -> None:
-    """Queue ledger job ``job_id`` (edit or rollback) for ``model``'s writer worker."""
-    queue = Queue(settings.edit_queue(model), connection=redis)
+def enqueue_job(
+    redis: Redis, settings: Settings, model: str, job_id: str, *, queue_name: str | None = None
+) -> None:
+    """Queue ledger job ``job_id`` (edit or rollback) for ``model``'s writer worker
+    (on ``queue_name``, default the model's edit queue)."""
+    queue = Queue(queue_name or settings.edit_queue(model), connection=redis)
     try:
         queue.enqueue(
             RUN_JOB,
@@ -60,6 +65,11 @@ def enqueue_job(redis: Redis, settings: Settings, model: str, job_id: str) -> No
             "a worker re-enqueues it from the ledger when it starts",
         ) from exc
     log.info("enqueued job %s on %s", job_id, queue.name)
+
+
+def enqueue_evaluation(redis: Redis, settings: Settings, model: str, job_id: str) -> None:
+    """Queue ledger evaluation job ``job_id`` on ``model``'s evaluation queue."""
+    enqueue_job(redis, settings, model, job_id, queue_name=settings.eval_queue(model))
 
 
 def call_read(

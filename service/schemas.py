@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from service.evaluations import EvaluationPolicies, SuiteName
 from service.models import EditStatus, JobKind, JobStatus, VersionKind
 from service.validation import check_complete_prompt, check_template
 
@@ -167,8 +168,78 @@ class ModelPublic(BaseModel):
     architecture: str | None = Field(description="model_type, known once a worker loaded it")
     head_version: int | None = Field(description="newest version number; null before a worker")
     policy: dict[str, Any] = Field(
-        description="snapshot_every, and the batching policy max_batch / max_wait_ms"
+        description=(
+            "snapshot_every, the batching policy max_batch / max_wait_ms, and "
+            "evaluations (suites run every N versions, with thresholds)"
+        )
     )
+
+
+class PolicyUpdate(_Input):
+    """The model's evaluation policy; it replaces the previous one."""
+
+    evaluations: EvaluationPolicies = Field(
+        examples=[
+            [
+                {
+                    "name": "retention",
+                    "suite": "retention",
+                    "every_versions": 10,
+                    "thresholds": {"retention": {"min": 0.8}},
+                    "action": "rollback",
+                }
+            ]
+        ]
+    )
+
+
+# -- evaluations ----------------------------------------------------------------------
+
+
+class EvaluationCreate(_Input):
+    suite: SuiteName = Field(examples=["counterfact"])
+    version: int | None = Field(
+        None, ge=0, description="the version to evaluate (default: the head now)"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the suite's parameters (docs/api.md, Evaluations)",
+        examples=[{"data_path": "counterfact_dev.jsonl", "limit": 100}],
+    )
+
+
+class EvaluationJobCreated(BaseModel):
+    job_id: str
+    evaluation_id: int
+    version: int
+
+
+class EvaluationPublic(BaseModel):
+    id: int
+    job_id: str
+    suite: str
+    version: int
+    params: dict[str, Any]
+    status: JobStatus
+    metrics: dict[str, Any] | None = Field(description="flat {name: number}")
+    details: dict[str, Any] | None = Field(
+        description="the suite's breakdown (listings include it only with details=true)"
+    )
+    error: str | None
+    policy: str | None = Field(description="the policy that queued it; null when asked for")
+    passed: bool | None = Field(description="within the policy's thresholds (null: none)")
+    alert: dict[str, Any] | None = Field(
+        description="breaches, missing metrics and the action taken"
+    )
+    timing: dict[str, float]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class EvaluationsPublic(BaseModel):
+    items: list[EvaluationPublic]
+    next_cursor: str | None
 
 
 # -- synchronous reads ----------------------------------------------------------------

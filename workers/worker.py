@@ -1,8 +1,9 @@
 """The worker process: loads one model once, syncs it to the ledger's head, and
 serves that model's queues with a non-forking rq worker (the model lives here).
 
-Queues, in priority order: ``<prefix>:reads:<model>`` (score, generate) and
-``<prefix>:edits:<model>`` (edit and rollback jobs). A forked job child could not
+Queues, in priority order: ``<prefix>:reads:<model>`` (score, generate),
+``<prefix>:edits:<model>`` (edit and rollback jobs) and ``<prefix>:evals:<model>``
+(evaluation jobs: they run when no edit waits). A forked job child could not
 keep its weight changes, so the worker is rq's ``SimpleWorker``.
 """
 
@@ -102,6 +103,7 @@ def main(name: str, *, burst: bool = False) -> None:
     queues = [
         Queue(settings.read_queue(name), connection=conn),
         Queue(settings.edit_queue(name), connection=conn),
+        Queue(settings.eval_queue(name), connection=conn),
     ]
     jobs.requeue_unfinished(state, queues[1])
     worker = SimpleWorker(

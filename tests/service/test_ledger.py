@@ -55,7 +55,12 @@ def test_sync_models_inserts_missing_names_once(session: Session, api_settings: 
     assert set(rows) == {MODEL, OTHER}
     assert rows[OTHER].source == "sshleifer/tiny-gpt2"
     assert rows[OTHER].architecture is None
-    assert rows[OTHER].policy == {"snapshot_every": 3, "max_batch": 4, "max_wait_ms": 50}
+    assert rows[OTHER].policy == {
+        "snapshot_every": 3,
+        "max_batch": 4,
+        "max_wait_ms": 50,
+        "evaluations": [],
+    }
 
 
 def test_create_edit_job_stores_job_and_ordered_edits(synced: Session) -> None:

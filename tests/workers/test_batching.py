@@ -176,3 +176,17 @@ def test_skip_locked_two_writers_never_claim_the_same_job(
         # a second writer, while the first transaction still holds its row locks
         got2, _ = claim(sessions, limit=4)
     assert got1 == ids[:2] and got2 == ids[2:]
+
+
+def test_a_queued_evaluation_is_no_barrier(sessions: sessionmaker[Session]) -> None:
+    """An evaluation names the version it measures: edits may be applied before it."""
+    before = add_job(sessions)
+    with sessions.begin() as s:
+        model = ledger.get_model(s, MODEL)
+        evaluation = Job(model_id=model.id, kind="evaluation", status=JobStatus.queued, payload={})
+        s.add(evaluation)
+        s.flush()
+        evaluation_id = evaluation.id
+    after = add_job(sessions)
+    assert claim(sessions) == ([before, after], 2)
+    assert statuses(sessions, [evaluation_id]) == ["queued"]
