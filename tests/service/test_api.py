@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.api import create_app
 from service.models import Edit, EditStatus, Job, JobStatus, Version
-from service.settings import Settings
+from service.settings import GuardPolicy, Settings
 
 from .conftest import MODEL, OTHER, edit_body, edit_request
 from .test_ledger import add_versions
@@ -56,6 +56,9 @@ def test_healthz_reports_a_dead_redis(
     assert resp.json()["checks"] == {"database": "ok", "redis": "error: ConnectionError"}
 
 
+GUARD = GuardPolicy().model_dump()  # the guard's defaults (tests/workers/test_guard.py)
+
+
 def test_models_listing(client: TestClient, clean_db: Engine) -> None:
     resp = client.get("/v1/models")
     assert resp.status_code == 200
@@ -65,7 +68,13 @@ def test_models_listing(client: TestClient, clean_db: Engine) -> None:
             "source": "sshleifer/tiny-gpt2",
             "architecture": None,
             "head_version": None,
-            "policy": {"snapshot_every": 3, "max_batch": 4, "max_wait_ms": 50, "evaluations": []},
+            "policy": {
+                "snapshot_every": 3,
+                "max_batch": 4,
+                "max_wait_ms": 50,
+                "guard": GUARD,
+                "evaluations": [],
+            },
         },
         {
             "name": MODEL,
@@ -76,6 +85,7 @@ def test_models_listing(client: TestClient, clean_db: Engine) -> None:
                 "snapshot_every": 10,
                 "max_batch": 16,
                 "max_wait_ms": 250,
+                "guard": GUARD,
                 "evaluations": [],
             },
         },

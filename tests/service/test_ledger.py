@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from service import ledger
 from service.errors import InvalidInput, NotFound
 from service.models import Edit, EditStatus, Job, JobKind, JobStatus, Model, Version, VersionKind
-from service.settings import Settings
+from service.settings import GuardPolicy, Settings
 
 from .conftest import MODEL, OTHER, edit_request
 
@@ -59,6 +59,7 @@ def test_sync_models_inserts_missing_names_once(session: Session, api_settings: 
         "snapshot_every": 3,
         "max_batch": 4,
         "max_wait_ms": 50,
+        "guard": GuardPolicy().model_dump(),
         "evaluations": [],
     }
 

@@ -32,7 +32,7 @@ from sqlalchemy import Engine, select
 from service.api import create_app
 from service.db import session_scope
 from service.models import Edit, Job, JobStatus, Version
-from service.settings import ModelSpec, Settings
+from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
 from workers.batching import subject_key
@@ -67,6 +67,12 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+# The guard's rules are set for real models; on a random 4-layer model edits interfere
+# far more (a rejected batch would change what these tests count). test_guard_e2e.py
+# tests the guard.
+NO_GUARD = GuardPolicy(enabled=False)
+
+
 @pytest.fixture
 def configure(
     settings: Settings, llama_dir: Path, cache_dir: Path, tmp_path: Path
@@ -75,7 +81,10 @@ def configure(
 
     def make(max_batch: int = 4, max_wait_ms: int = 0, source: Path | None = None) -> Settings:
         spec = ModelSpec(
-            source=str(source or llama_dir), max_batch=max_batch, max_wait_ms=max_wait_ms
+            source=str(source or llama_dir),
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            guard=NO_GUARD,
         )
         return settings.model_copy(
             update={
