@@ -47,6 +47,7 @@ from service.models import (
 )
 from workers import guarding
 from workers.batching import batch_size, claim_jobs, next_batch, pending_edits
+from workers.editing.common.base import EditError
 from workers.editing.common.stats import StatsCache, stats_provider
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest, WeightDelta
@@ -461,7 +462,13 @@ def warm_editors(state: WorkerState) -> dict[str, float]:
             stats_provider=stats_provider_for(state, hp),
             state=rt.method_state(),
         )
-        prepare(rt.model, hp, ctx)
+        try:
+            prepare(rt.model, hp, ctx)
+        except EditError as exc:
+            # the method's defaults do not fit this model (e.g. no null space for
+            # AlphaEdit): its edits will fail with this reason, the others still work
+            log.warning("%s cannot prepare %s with its defaults: %s", state.name, method, exc)
+            continue
         seconds[method] = round(time.perf_counter() - t0, 3)
     log.info("editor caches for %s built: %s", state.name, seconds)
     return seconds
