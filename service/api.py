@@ -10,6 +10,7 @@ field. This module imports neither torch nor :mod:`workers` (a test checks it).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -43,6 +44,8 @@ from service.schemas import (
     EvaluationsPublic,
     GenerateRequest,
     GenerateResponse,
+    GuardDecisionPublic,
+    GuardDecisionsPublic,
     JobCreated,
     JobPublic,
     ModelPublic,
@@ -343,6 +346,57 @@ def list_alerts(
     )
     return EvaluationsPublic(
         items=[_evaluation_public(e, False) for e in page.items], next_cursor=page.next_cursor
+    )
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON has no inf/NaN: a non-finite headline number (a collapsed model's
+    perplexity) is null here; ``measurements`` keeps it as the string "inf"/"nan"."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+@router.get("/v1/models/{model}/guard-decisions", responses=_ERRORS, tags=["versions"])
+def list_guard_decisions(
+    model: str,
+    session: SessionDep,
+    accepted: Annotated[
+        bool | None, Query(description="only accepted (true) or rejected (false) updates")
+    ] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> GuardDecisionsPublic:
+    """The guard's decisions on the model's staged updates, oldest first, with their
+    measurements (docs/guard.md): the ``accepted=false`` ones are the updates it kept
+    from landing."""
+    page = ledger.list_guard_decisions(
+        session, model, accepted=accepted, limit=limit, cursor=cursor
+    )
+    return GuardDecisionsPublic(
+        items=[
+            GuardDecisionPublic(
+                id=d.id,
+                job_id=d.job_id,
+                version=number,
+                parent_version=d.parent_number,
+                method=d.method,
+                accepted=d.accepted,
+                reason=d.reason,
+                rules=list(d.rules or []),
+                edit_ids=list(d.edit_ids or []),
+                update_norm=_finite(d.update_norm),
+                norm_median=_finite(d.norm_median),
+                norm_ratio=_finite(d.norm_ratio),
+                perplexity_before=_finite(d.perplexity_before),
+                perplexity_after=_finite(d.perplexity_after),
+                recall_before=_finite(d.recall_before),
+                recall_after=_finite(d.recall_after),
+                measurements=d.measurements or {},
+                seconds=d.seconds,
+                created_at=d.created_at,
+            )
+            for d, number in page.items
+        ],
+        next_cursor=page.next_cursor,
     )
 
 

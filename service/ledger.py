@@ -34,6 +34,7 @@ from service.models import (
     Edit,
     EditStatus,
     Evaluation,
+    GuardDecision,
     Job,
     JobKind,
     JobStatus,
@@ -321,7 +322,7 @@ def _decode_cursor(cursor: str | None, kind: str) -> Any:
         after = data["a"]
         shape_ok = (
             _is_int(after)
-            if kind in ("edits", "versions")
+            if kind in ("edits", "versions", "guard_decisions")
             else isinstance(after, list) and len(after) == 2 and all(map(_is_int, after))
         )
         ok = data["k"] == kind and shape_ok
@@ -527,3 +528,29 @@ def list_evaluations(
         query = query.where(tuple_(Evaluation.version, Evaluation.id) > tuple_(*after))
     rows = list(session.scalars(query.order_by(Evaluation.version, Evaluation.id).limit(limit + 1)))
     return _page(rows, limit, kind, lambda e: [e.version, e.id])
+
+
+def list_guard_decisions(
+    session: Session,
+    model_name: str,
+    *,
+    accepted: bool | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> Page[tuple[GuardDecision, int | None]]:
+    """A page of the guard's decisions on the model's updates, oldest first, each with
+    the number of the version that committed it (None when rejected)."""
+    model = get_model(session, model_name)
+    _check_limit(limit)
+    after = _decode_cursor(cursor, "guard_decisions")
+    query = (
+        select(GuardDecision, Version.number)
+        .outerjoin(Version, Version.id == GuardDecision.version_id)
+        .where(GuardDecision.model_id == model.id)
+    )
+    if accepted is not None:
+        query = query.where(GuardDecision.accepted.is_(accepted))
+    if after is not None:
+        query = query.where(GuardDecision.id > after)
+    rows = [tuple(r) for r in session.execute(query.order_by(GuardDecision.id).limit(limit + 1))]
+    return _page(rows, limit, "guard_decisions", lambda r: r[0].id)

@@ -242,6 +242,35 @@ class EvaluationsPublic(BaseModel):
     next_cursor: str | None
 
 
+class GuardDecisionPublic(BaseModel):
+    """The guard's judgement of one staged update (docs/guard.md)."""
+
+    id: int
+    job_id: str
+    version: int | None = Field(description="the version that committed it; null: rejected")
+    parent_version: int = Field(description="the version the update was staged on")
+    method: str
+    accepted: bool
+    reason: str | None
+    rules: list[str] = Field(description="the rules that rejected it")
+    edit_ids: list[int]
+    update_norm: float | None
+    norm_median: float | None
+    norm_ratio: float | None
+    perplexity_before: float | None
+    perplexity_after: float | None
+    recall_before: float | None
+    recall_after: float | None
+    measurements: dict[str, Any] = Field(description="every number, skipped rules, the policy")
+    seconds: float | None = Field(description="what the guard added to the edit")
+    created_at: datetime
+
+
+class GuardDecisionsPublic(BaseModel):
+    items: list[GuardDecisionPublic]
+    next_cursor: str | None
+
+
 # -- synchronous reads ----------------------------------------------------------------
 
 

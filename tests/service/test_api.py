@@ -111,6 +111,7 @@ def test_openapi_lists_the_contract(client: TestClient) -> None:
         "/v1/models/{model}/evaluations/{evaluation_id}",
         "/v1/models/{model}/alerts",
         "/v1/models/{model}/policy",
+        "/v1/models/{model}/guard-decisions",
     }
     assert client.get("/docs").status_code == 200
 

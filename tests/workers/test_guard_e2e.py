@@ -165,6 +165,24 @@ def test_disabling_update_is_rejected_and_nothing_is_committed(
     final = decisions(db_engine)
     assert [d.accepted for d in final] == [True] * 4 + [False, True]
     assert final[-1].parent_number == 4 and final[-1].norm_ratio < 10
+    # the same decisions over the API, the rejected one alone with accepted=false
+    listed = client.get(f"/v1/models/{MODEL}/guard-decisions", params={"limit": 4}).json()
+    assert [d["accepted"] for d in listed["items"]] == [True] * 4
+    assert [d["version"] for d in listed["items"]] == [1, 2, 3, 4]
+    rest = client.get(
+        f"/v1/models/{MODEL}/guard-decisions", params={"cursor": listed["next_cursor"]}
+    ).json()
+    assert [d["version"] for d in rest["items"]] == [None, 5] and rest["next_cursor"] is None
+    (refused,) = client.get(
+        f"/v1/models/{MODEL}/guard-decisions", params={"accepted": "false"}
+    ).json()["items"]
+    assert refused["id"] == rejection["guard_decision_id"] and refused["parent_version"] == 4
+    assert refused["rules"] == rejection["rules"] and refused["edit_ids"] == [newton["id"]]
+    assert refused["update_norm"] == last.update_norm and refused["measurements"]
+    bad_cursor = client.get(
+        f"/v1/models/{MODEL}/guard-decisions", params={"cursor": listed["next_cursor"] + "x"}
+    )
+    assert bad_cursor.status_code == 422
     guard_s = [v["timing"]["guard_s"] for v in harness.all_versions(client, MODEL)[1:]]
     measurements.append(
         f"guard on the tiny LLaMA (FT-L): {sum(guard_s) / len(guard_s):.4f} s per edit "
