@@ -3,12 +3,11 @@ SmolLM2 run is the lead's, on the full sets)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from bench.downstream import score, table
+from tests.downstream_examples import examples_dir
 from tests.tiny_models import char_tokenizer, tiny_model
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "downstream"
+FIXTURES = examples_dir()
 
 
 def test_score_and_table() -> None:

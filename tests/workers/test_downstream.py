@@ -1,6 +1,7 @@
 """The downstream suite (lm-eval with the in-memory model) on tiny random models.
 
-The task files are tests/fixtures/downstream/*.jsonl: made-up examples in the format
+The task files are made-up examples (tests/downstream_examples.py, written as
+<task>.jsonl into a temporary folder) in the format
 of ../shared/data/downstream (pool ``pos`` 0–1, tests ``pos`` ≥ 10). The tokenizer is
 character-level, so label words are several tokens long and the scoring rule (the
 summed log-probability of ``" " + word`` after the prompt) is visible in the numbers.
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score
 from transformers import AutoModelForCausalLM
 
+from tests.downstream_examples import examples_dir
 from tests.tiny_models import changed_tensors, char_tokenizer, state_copy, tiny_config, tiny_model
 from workers.evaluation.downstream import (
     DEFAULT_SHOTS,
@@ -32,7 +34,7 @@ from workers.evaluation.downstream import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = REPO / "tests" / "fixtures" / "downstream"
+FIXTURES = examples_dir()
 ALL_TASKS = sorted(LOCAL_TASKS)
 
 
