@@ -25,13 +25,12 @@ the worker resolves it), then ``offset`` and ``limit`` select records in order.
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from workers.evaluation.records import select_records
 from workers.evaluation.scoring import paired_target_logprobs
 
 # records scored per forward-pass group (progress is reported between groups)
@@ -75,38 +74,8 @@ def case_of(record: Mapping[str, Any], index: int) -> Case:
 
 
 def read_records(params: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The records ``params`` select: inline ``records`` or the JSONL ``data_path``,
-    from ``offset`` (default 0), at most ``limit``."""
-    offset = int(params.get("offset") or 0)
-    limit = params.get("limit")
-    if offset < 0 or (limit is not None and int(limit) < 1):
-        raise ValueError("offset must be ≥ 0 and limit ≥ 1")
-    stop = None if limit is None else offset + int(limit)
-    records = params.get("records")
-    path = params.get("data_path")
-    if (records is None) == (path is None):
-        raise ValueError("give either records or data_path (exactly one)")
-    if records is not None:
-        return [dict(r) for r in list(records)[offset:stop]]
-    return list(_jsonl(Path(path), offset, stop))
-
-
-def _jsonl(path: Path, offset: int, stop: int | None) -> Iterator[dict[str, Any]]:
-    if not path.is_file():
-        raise ValueError(f"data file {str(path)!r} does not exist")
-    n = 0
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if stop is not None and n >= stop:
-                return
-            if n >= offset:
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path.name} line {lineno} is not JSON: {exc}") from None
-            n += 1
+    """The records ``params`` select (:func:`workers.evaluation.records.select_records`)."""
+    return select_records(params, "counterfact")
 
 
 def _mean(xs: Sequence[float]) -> float | None:
