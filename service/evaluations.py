@@ -43,28 +43,15 @@ from pydantic import (
 )
 
 from service.errors import InvalidInput
-from service.validation import check_complete_prompt, check_template
+from service.validation import CompletePrompt, Template, Text
 
 SuiteName = Literal["counterfact", "zsre", "retention", "downstream", "fluency"]
 SUITE_NAMES: tuple[str, ...] = ("counterfact", "zsre", "retention", "downstream", "fluency")
 
 MAX_INLINE_RECORDS = 1000  # records given in the request body
-MAX_TEXT = 2000
 MAX_PROMPTS = 64
 MAX_POLICIES = 16
 DOWNSTREAM_TASKS = ("sst2", "mrpc", "rte", "cola", "nli", "mmlu")
-
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT)]
-Template = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, max_length=MAX_TEXT),
-    AfterValidator(check_template),
-]
-CompletePrompt = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, max_length=MAX_TEXT),
-    AfterValidator(check_complete_prompt),
-]
 
 
 def check_relative_path(path: str) -> str:

@@ -9,31 +9,18 @@ the metrics prepend one, as CounterFact does).
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
 from service.evaluations import EvaluationPolicies, SuiteName
 from service.models import EditStatus, JobKind, JobStatus, VersionKind
-from service.validation import check_complete_prompt, check_template
+from service.validation import CompletePrompt, Template, Text
 
-MAX_TEXT = 2000  # characters in one prompt, subject or target
 MAX_PROMPT_LIST = 64  # paraphrase or neighbourhood prompts per request
 DEFAULT_NEW_TOKENS = 20  # generate's max_new_tokens when the client gives none
 
 Batching = Literal["auto", "alone"]
-
-Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT)]
-Template = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, max_length=MAX_TEXT),
-    AfterValidator(check_template),
-]
-CompletePrompt = Annotated[
-    str,
-    StringConstraints(strip_whitespace=True, max_length=MAX_TEXT),
-    AfterValidator(check_complete_prompt),
-]
 
 
 class _Input(BaseModel):

@@ -15,9 +15,9 @@ from __future__ import annotations
 import importlib
 import string
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import AfterValidator, StringConstraints, ValidationError
 
 from service.errors import InvalidInput
 
@@ -107,3 +107,19 @@ def check_hparams(method: str, overrides: Mapping[str, Any] | None) -> dict[str,
 
 def _strip_prefix(msg: str) -> str:
     return msg.removeprefix("Value error, ")
+
+
+MAX_TEXT = 2000  # characters in one prompt, subject or target
+
+# the request text types of the edit and evaluation schemas
+Text = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TEXT)]
+Template = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=MAX_TEXT),
+    AfterValidator(check_template),
+]
+CompletePrompt = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, max_length=MAX_TEXT),
+    AfterValidator(check_complete_prompt),
+]
