@@ -10,7 +10,9 @@ serve the forgetting benchmark and add to the log only when given (so that
   the current version); after it is staged and before it is committed, ``decide``;
   a rejected delta is discarded (the runtime goes back bit for bit) and logged with
   the verdict under the batch's ``rejected``; every verdict is in the batch's
-  ``guard`` list.
+  ``guard`` list, and its time in the batch's ``guard_s`` (not in ``apply_s``). With
+  ``guard_enforce=False`` (observe) the verdicts are logged but every delta is
+  committed, so that the guard can be judged on a run it does not change.
 - ``evaluate`` (``(model, tok) -> dict``, JSON): run on the unedited model
   (``baseline_evaluation``) and at every checkpoint (``evaluation``).
 """
@@ -54,10 +56,16 @@ class GuardHook(Protocol):
     """A guard against disabling edits, consulted before each delta is committed."""
 
     def before(
-        self, model: torch.nn.Module, tok: Any, version: int, applied: Sequence[dict[str, Any]]
+        self,
+        model: torch.nn.Module,
+        tok: Any,
+        version: int,
+        applied: Sequence[dict[str, Any]],
+        group: Sequence[dict[str, Any]],
     ) -> None:
         """Measure what ``decide`` compares against on the current ``version``
-        (``applied``: the records applied so far, oldest first)."""
+        (``applied``: the records applied so far, oldest first; ``group``: the records
+        of the delta about to be staged)."""
 
     def decide(
         self,
@@ -255,6 +263,7 @@ def run_sequential(
     name: str | None = None,
     header_extra: dict[str, Any] | None = None,
     guard: GuardHook | None = None,
+    guard_enforce: bool = True,
     evaluate: Evaluate | None = None,
 ) -> dict[str, Any]:
     """Apply ``records`` sequentially to ``model`` and log every checkpoint to
@@ -377,7 +386,8 @@ def run_sequential(
             batch = batches[bi]
             entry = _apply_batch(
                 runtime, editor, model, tok, hp, batch, per_delta, context,
-                guard=guard, applied=[by_case[c] for c in applied], log=log,
+                guard=guard, enforce=guard_enforce, applied=[by_case[c] for c in applied],
+                log=log,
             )  # fmt: skip
             log["batches"].append(entry)
             applied += entry["applied"]
@@ -452,6 +462,7 @@ def _apply_batch(
     context: Any,
     *,
     guard: GuardHook | None = None,
+    enforce: bool = True,
     applied: Sequence[dict[str, Any]] = (),
     log: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -459,7 +470,7 @@ def _apply_batch(
     fewer requests per delta); a refused delta is recorded, not applied. With a
     ``guard``, every staged delta is committed only if it accepts (``applied``: the
     records applied before this batch; ``log``: the run's log, for the guard's
-    history of accepted norms)."""
+    history of accepted norms); with ``enforce`` False the verdicts are only logged."""
     size = per_delta or len(batch)
     entry: dict[str, Any] = {
         "case_ids": [r["case_id"] for r in batch],
@@ -472,6 +483,7 @@ def _apply_batch(
     }
     if guard is not None:
         entry["guard"] = []
+        entry["guard_s"] = 0.0
         history = [
             (v["update_norm"], v["n_requests"])
             for b in (log or {}).get("batches", [])
@@ -493,9 +505,11 @@ def _apply_batch(
         t1 = time.perf_counter()
         entry["compute_s"] += t1 - t0
         entry["compute_cpu_s"] += time.process_time() - c0
+        before_s = 0.0
         if guard is not None:
             assert runtime.current_version is not None
-            guard.before(model, tok, runtime.current_version, applied)
+            guard.before(model, tok, runtime.current_version, applied, group)
+            before_s = time.perf_counter() - t1
         try:
             staged = runtime.stage(delta)
         except ValueError as exc:  # the runtime refuses non-finite or misshapen deltas
@@ -510,10 +524,13 @@ def _apply_batch(
                 "case_ids": ids,
                 "update_norm": staged.update_norm,
                 "n_requests": len(group),
-                "seconds": round(time.perf_counter() - t_guard, 4),
+                "seconds": round(before_s + time.perf_counter() - t_guard, 4),
+                "enforced": enforce,
             }
             entry["guard"].append(verdict)
-            if not verdict["accepted"]:
+            entry["guard_s"] += verdict["seconds"]
+            t1 += verdict["seconds"]  # the guard's time is not the apply time
+            if enforce and not verdict["accepted"]:
                 runtime.discard(staged)
                 entry["apply_s"] += time.perf_counter() - t1
                 entry["rejected"].append(
@@ -521,7 +538,8 @@ def _apply_batch(
                      "update_norm": staged.update_norm}
                 )  # fmt: skip
                 continue
-            history.append((staged.update_norm, len(group)))
+            if verdict["accepted"]:  # observed rejections stay out of the median
+                history.append((staged.update_norm, len(group)))
             applied += group
         runtime.commit(staged, staged.number)
         entry["apply_s"] += time.perf_counter() - t1
@@ -530,6 +548,8 @@ def _apply_batch(
     entry["compute_s"] = round(entry["compute_s"], 4)
     entry["compute_cpu_s"] = round(entry["compute_cpu_s"], 4)
     entry["apply_s"] = round(entry["apply_s"], 4)
+    if guard is not None:
+        entry["guard_s"] = round(entry["guard_s"], 4)
     return entry
 
 
@@ -575,6 +595,8 @@ def _checkpoint(
         s_per_edit=compute_s / edits if edits else None,
         cpu_s_per_edit=cpu_s / edits if edits else None,
     )
+    if any("guard_s" in b for b in window):
+        ckpt["guard_s"] = round(sum(b.get("guard_s", 0.0) for b in window), 3)
     return ckpt
 
 

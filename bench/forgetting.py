@@ -4,6 +4,8 @@ edits, and the guard that stops the disabling edits.
     python bench/forgetting.py --methods rome_original rome memit --n 200 --every 10 \\
         --threads 1 --out bench/results/forgetting/
     python bench/forgetting.py --methods rome_original --n 200 --guard --out ...
+    python bench/forgetting.py --methods rome_original --guard --guard-mode observe ...
+    python bench/forgetting.py --guard-report --out bench/results/forgetting/
     python bench/forgetting.py --plot-only --table --out bench/results/forgetting/
 
 Gupta et al. 2024 ("Model editing at scale leads to gradual and catastrophic
@@ -26,12 +28,18 @@ params; run on the unedited model too). Every delta's update norm is in the log.
 the downstream module cannot be imported, the run goes on without it and its log
 says why (``info.evaluation``).
 
-``--guard`` consults the service's guard (``workers.evaluation.guard`` with the
-canary of ``workers.evaluation.canary`` and the ``GuardPolicy`` of
-``service.settings``; ``--guard-policy`` overrides it) before each delta is
-committed: a rejected delta is discarded, the model stays where it was, and the log
-holds the verdict and its numbers. Without that module ``--guard`` exits with a
-message saying so. Runs are named ``<method>-b<batch>-n<N>[-guard]``.
+``--guard`` consults the service's guard (``bench/_guard.py``: the decision of
+``workers.evaluation.guard`` on the canary of ``workers.evaluation.canary`` under the
+``GuardPolicy`` of ``service.settings``; ``--guard-policy`` overrides it) before each
+delta is committed: a rejected delta is discarded, the model stays where it was, and
+the log holds the verdict and its numbers. ``--guard-mode observe`` logs the
+verdicts but applies every delta: the unguarded run, judged. Each verdict also
+carries the probe (perplexity of fixed texts the canary does not use) before and
+after the delta; ``--guard-report`` counts the collapsing updates (probe perplexity
+more than doubled, or downstream macro halved within a window) the guard flagged
+and the ordinary ones it flagged wrongly (``<out>/guard.json``). Without the
+guard's modules ``--guard`` exits with a message saying so. Runs are named
+``<method>-b<batch>-n<N>[-guard|-observe]``.
 
 The JSON log ``<out>/<run>.json`` has ``bench/sequential.py``'s fields (the same
 loop) plus ``baseline_evaluation`` and, per checkpoint, ``evaluation`` (the
@@ -75,19 +83,23 @@ from bench._editrun import (  # noqa: E402
     git_head,
     load_records,
     pyplot,
-    request_of,
     run_sequential,
     save_figure,
 )
+from bench._guard import (  # noqa: E402
+    GuardUnavailable,
+    guard_report,
+    json_object,
+    load_guard,
+    report_table,
+)
 from workers.editing.common.stats import StatsCache  # noqa: E402
 from workers.models.loading import weights_fingerprint  # noqa: E402
-from workers.runtime import Staged  # noqa: E402
 
 BENCH = "forgetting"
 RECORDS_FILE = "counterfact_disabling.jsonl"
 METHODS = ("rome_original", "rome", "memit")
 DOWNSTREAM = "workers.evaluation.downstream:run_suite"
-GUARD_MODULES = ("workers.evaluation.guard", "workers.evaluation.canary")
 
 
 # -- the evaluation step (pluggable) --------------------------------------------------------
@@ -124,125 +136,16 @@ def macro_score(evaluation: Mapping[str, Any] | None) -> float | None:
     return None
 
 
-# -- the guard (pluggable) ------------------------------------------------------------------
-
-
-class GuardUnavailable(RuntimeError):
-    pass
-
-
-class CanaryGuard:
-    """:class:`bench._editrun.GuardHook` over the service's guard: the canary
-    (perplexity of fixed texts and recall of a sample of earlier edits) on the current
-    version and on the staged update, and the guard's decision on them and on the
-    update norm against the accepted ones (per request, as the service keeps them)."""
-
-    def __init__(
-        self,
-        guard: Any,
-        canary: Any,
-        policy: Any,
-        *,
-        canary_texts: int = 8,
-        recall_sample: int = 20,
-    ) -> None:
-        self._guard, self._canary, self._policy = guard, canary, policy
-        self._texts = canary.canary_texts(canary_texts)
-        self._recall_sample = recall_sample
-        self._version: int | None = None
-        self._cases: list[Any] = []
-        self._subjects: dict[int, str] = {}  # recall case key → its subject, normalised
-        self._before: Any = None
-
-    def _sample(self, applied: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """At most ``recall_sample`` earlier edits, evenly spread, the latest included."""
-        if len(applied) <= self._recall_sample:
-            return list(applied)
-        step = len(applied) / self._recall_sample
-        return [applied[len(applied) - 1 - int(i * step)] for i in range(self._recall_sample)]
-
-    def before(
-        self, model: torch.nn.Module, tok: Any, version: int, applied: Sequence[dict[str, Any]]
-    ) -> None:
-        if version == self._version:
-            return
-        self._cases = []
-        for rec in self._sample(applied):
-            req = request_of(rec)
-            self._subjects[int(rec["case_id"])] = _subject(rec)
-            self._cases.append(self._canary.RecallCase(
-                key=int(rec["case_id"]), prompt=req.text,
-                target_new=req.target_new, target_true=str(req.target_true),
-            ))  # fmt: skip
-        self._before = self._canary.measure(model, tok, self._texts, self._cases)
-        self._version = version
-
-    def decide(
-        self,
-        model: torch.nn.Module,
-        tok: Any,
-        staged: Staged,
-        group: Sequence[dict[str, Any]],
-        history: Sequence[tuple[float, int]],
-    ) -> dict[str, Any]:
-        after = self._canary.measure(model, tok, self._texts, self._cases)
-        # earlier edits of a subject this update rewrites may change: not a collapse
-        subjects = {_subject(r) for r in group}
-        exclude = [c.key for c in self._cases if self._subjects[c.key] in subjects]
-        verdict = self._guard.decide(
-            update_norm=staged.update_norm,
-            n_requests=len(group),
-            history=[self._guard.norm_per_request(n, k) for n, k in history if n > 0],
-            before=self._before,
-            after=after,
-            policy=self._policy,
-            exclude=exclude,
-        )
-        return {
-            **verdict.to_json(),
-            "canary_before": self._before.to_json(),
-            "canary_after": after.to_json(),
-        }
-
-
-def _subject(rec: dict[str, Any]) -> str:
-    return " ".join(rec["requested_rewrite"]["subject"].split()).casefold()
-
-
-def load_guard(
-    policy: Mapping[str, Any] | None = None,
-    *,
-    modules: Sequence[str] = GUARD_MODULES,
-    canary_texts: int = 8,
-    recall_sample: int = 20,
-) -> GuardHook:
-    """The service's guard as a :class:`GuardHook`; :class:`GuardUnavailable` (with
-    the reason) when its modules are not in this checkout."""
-    try:
-        guard, canary = (importlib.import_module(m) for m in modules)
-        settings = importlib.import_module("service.settings")
-        policy_cls = settings.GuardPolicy
-        for name in ("decide", "norm_per_request"):
-            getattr(guard, name)
-        for name in ("measure", "canary_texts", "RecallCase"):
-            getattr(canary, name)
-    except (ImportError, AttributeError) as exc:
-        raise GuardUnavailable(
-            f"--guard needs the service's guard ({', '.join(modules)} and "
-            f"service.settings.GuardPolicy; issue 4, item 3), which this checkout lacks: "
-            f"{type(exc).__name__}: {exc}"
-        ) from None
-    return CanaryGuard(
-        guard, canary, policy_cls.model_validate(dict(policy or {})),
-        canary_texts=canary_texts, recall_sample=recall_sample,
-    )  # fmt: skip
-
-
 # -- the run --------------------------------------------------------------------------------
 
 
-def forgetting_run_name(method: str, batch_size: int, n: int, guarded: bool) -> str:
-    return f"{method}-b{batch_size}-n{n}" + ("-guard" if guarded else "")
+GUARD_SUFFIX = {None: "", "enforce": "-guard", "observe": "-observe"}
+
+
+def forgetting_run_name(method: str, batch_size: int, n: int, guard_mode: str | None) -> str:
+    """``<method>-b<batch>-n<N>``, with ``-guard`` when the guard rejects and
+    ``-observe`` when it only judges."""
+    return f"{method}-b{batch_size}-n{n}" + GUARD_SUFFIX[guard_mode]
 
 
 def run_forgetting(
@@ -255,6 +158,7 @@ def run_forgetting(
     batch_size: int = 1,
     every: int = 10,
     guard: GuardHook | None = None,
+    guard_enforce: bool = True,
     evaluate: Evaluate | None = None,
     stats_cache: StatsCache | None = None,
     overrides: dict[str, Any] | None = None,
@@ -265,13 +169,14 @@ def run_forgetting(
 ) -> dict[str, Any]:
     """One method's sequential run (the module docstring says what is logged); the
     model is left at the last accepted edit."""
+    mode = None if guard is None else "enforce" if guard_enforce else "observe"
     return run_sequential(
         model, tok, records, method, batch_size, out_dir,
         every=every, stats_cache=stats_cache, overrides=overrides, max_minutes=max_minutes,
         resume=resume, info=info, echo=echo,
-        name=forgetting_run_name(method, batch_size, len(records), guard is not None),
-        header_extra={"bench": BENCH, "guarded": guard is not None},
-        guard=guard, evaluate=evaluate,
+        name=forgetting_run_name(method, batch_size, len(records), mode),
+        header_extra={"bench": BENCH, "guarded": mode == "enforce", "guard_mode": mode},
+        guard=guard, guard_enforce=guard_enforce, evaluate=evaluate,
     )  # fmt: skip
 
 
@@ -375,6 +280,18 @@ def table(logs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def write_guard_reports(out_dir: Path, logs: Sequence[dict[str, Any]]) -> str:
+    """``bench._guard.guard_report`` of every run the guard judged, written to
+    ``<out>/guard.json``; returns the markdown table."""
+    reports = [
+        guard_report(g, macro=macro_score)
+        for g in logs
+        if any(b.get("guard") for b in g["batches"])
+    ]
+    (out_dir / "guard.json").write_text(json.dumps(reports, indent=1) + "\n")
+    return report_table(reports)
+
+
 # -- plots ----------------------------------------------------------------------------------
 
 
@@ -461,6 +378,7 @@ def _one(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     guard = load_guard(args.guard_policy) if args.guard else None
+    mode = args.guard_mode if args.guard else None
     evaluate, unavailable = (None, "--no-downstream")
     if not args.no_downstream:
         evaluate, unavailable = load_evaluation(args.evaluation, args.downstream)
@@ -475,6 +393,7 @@ def _one(args: argparse.Namespace) -> None:
         "records": str(args.data / RECORDS_FILE),
         "evaluation": unavailable or f"{args.evaluation} {json.dumps(args.downstream)}",
         "guard_policy": args.guard_policy if args.guard else None,
+        "guard_mode": mode,
         "command": "python bench/forgetting.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
         "python": platform.python_version(),
@@ -485,18 +404,12 @@ def _one(args: argparse.Namespace) -> None:
     }
     run_forgetting(
         lm.model, lm.tokenizer, records, args.one, args.out,
-        batch_size=args.batch_size, every=args.every, guard=guard, evaluate=evaluate,
+        batch_size=args.batch_size, every=args.every, guard=guard,
+        guard_enforce=mode != "observe", evaluate=evaluate,
         stats_cache=StatsCache(args.cache_dir / "stats", weights_fingerprint(lm.model)),
         max_minutes=args.max_minutes, resume=args.resume, info=info,
         echo=lambda message: print(message, flush=True),
     )  # fmt: skip
-
-
-def _json_arg(text: str) -> dict[str, Any]:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -508,9 +421,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--every", type=int, default=10, help="edits between checkpoints")
     ap.add_argument("--batch-size", type=int, default=1, help="records per batch (not ROME)")
     ap.add_argument("--guard", action="store_true", help="reject edits with the service's guard")
-    ap.add_argument("--guard-policy", type=_json_arg, default={}, help="GuardPolicy overrides")
+    ap.add_argument("--guard-mode", choices=("enforce", "observe"), default="enforce",
+                    help="observe: log the guard's verdicts but apply every edit")  # fmt: skip
+    ap.add_argument("--guard-policy", type=json_object, default={}, help="GuardPolicy overrides")
     ap.add_argument("--evaluation", default=DOWNSTREAM, help="the suite, module:function")
-    ap.add_argument("--downstream", type=_json_arg, default=None,
+    ap.add_argument("--downstream", type=json_object, default=None,
                     help='its params (default {"data_dir": <data>/downstream, "limit": 100})')  # fmt: skip
     ap.add_argument("--no-downstream", action="store_true", help="retention and norms only")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
@@ -521,11 +436,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true", help="continue runs from their logs")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plots from the logs")
     ap.add_argument("--table", action="store_true", help="print the summary table of the logs")
+    ap.add_argument("--guard-report", action="store_true",
+                    help="print the guard's decisions against the collapses, write guard.json")  # fmt: skip
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.downstream is None:
         args.downstream = {"data_dir": str(args.data / "downstream"), "limit": 100}
-    if args.plot_only or args.table:
+    if args.plot_only or args.table or args.guard_report:
         logs = load_logs(args.out)
         if not logs:
             sys.exit(f"no forgetting-benchmark logs in {args.out}")
@@ -534,6 +451,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"wrote {path}")
         if args.table:
             print(table(logs))
+        if args.guard_report:
+            print(write_guard_reports(args.out, logs))
         return
     if args.guard:
         try:
@@ -556,12 +475,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.no_downstream:
             cmd.append("--no-downstream")
         if args.guard:
-            cmd += ["--guard", "--guard-policy", json.dumps(args.guard_policy)]
+            cmd += ["--guard", "--guard-mode", args.guard_mode,
+                    "--guard-policy", json.dumps(args.guard_policy)]  # fmt: skip
         if args.max_minutes is not None:
             cmd += ["--max-minutes", str(args.max_minutes)]
         if args.resume:
             cmd.append("--resume")
-        print(f"== {forgetting_run_name(method, args.batch_size, args.n, args.guard)}", flush=True)
+        mode = args.guard_mode if args.guard else None
+        print(f"== {forgetting_run_name(method, args.batch_size, args.n, mode)}", flush=True)
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=env, check=False)
         print(f"== exit {done.returncode} after {time.perf_counter() - t0:.0f} s", flush=True)
@@ -570,6 +491,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for path in plot_logs(args.out, logs):
             print(f"wrote {path}")
         print(table(logs))
+        if any(b.get("guard") for g in logs for b in g["batches"]):
+            print(write_guard_reports(args.out, logs))
 
 
 if __name__ == "__main__":

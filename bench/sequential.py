@@ -38,6 +38,11 @@ checkpoint after which the next window would not fit, and records that it was cu
 PNG plots of every curve against the number of edits (Gupta et al. 2024, "Model
 editing at scale leads to gradual and catastrophic forgetting", Figs. 1–3) are
 drawn from all logs in ``--out``; ``--table`` prints the markdown summary.
+
+``--observe-guard`` runs the service's guard (``bench/_guard.py``) on every delta in
+observe mode: its verdicts, canary and probe are logged but every delta is committed,
+so the curves are the method's own; ``--guard-report`` counts its false rejections
+(issue 4: the guard on ordinary edits) into ``<out>/guard.json``.
 """
 
 from __future__ import annotations
@@ -82,6 +87,7 @@ from bench._editrun import (  # noqa: E402, F401
     score_records,
     unedited_scores,
 )
+from bench._guard import guard_report, json_object, load_guard, report_table  # noqa: E402
 from workers.editing.common.stats import StatsCache  # noqa: E402
 from workers.models.loading import weights_fingerprint  # noqa: E402
 
@@ -274,6 +280,10 @@ def _one(args: argparse.Namespace) -> None:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model_load_s": round(load_s, 1),
     }
+    guard = None
+    if args.observe_guard:
+        guard = load_guard(args.guard_policy)
+        info["guard_policy"] = args.guard_policy
     run_sequential(
         model,
         tok,
@@ -281,6 +291,9 @@ def _one(args: argparse.Namespace) -> None:
         args.one,
         args.batch_sizes[0],
         args.out,
+        guard=guard,
+        guard_enforce=False,
+        header_extra={"guard_mode": "observe"} if guard else None,
         every=args.every,
         stats_cache=StatsCache(args.cache_dir / "stats", weights_fingerprint(model)),
         max_minutes=args.max_minutes,
@@ -306,10 +319,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true", help="continue runs from their logs")
     ap.add_argument("--plot-only", action="store_true", help="redraw the plots from the logs")
     ap.add_argument("--table", action="store_true", help="print the summary table of the logs")
+    ap.add_argument("--observe-guard", action="store_true",
+                    help="log the guard's verdict on every delta (all are applied)")  # fmt: skip
+    ap.add_argument("--guard-policy", type=json_object, default={}, help="GuardPolicy overrides")
+    ap.add_argument("--guard-report", action="store_true",
+                    help="print the observed guard's decisions, write guard.json")  # fmt: skip
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         _one(args)
+        return
+    if args.guard_report:
+        reports = [guard_report(g) for g in load_logs(args.out)
+                   if any(b.get("guard") for b in g["batches"])]  # fmt: skip
+        (args.out / "guard.json").write_text(json.dumps(reports, indent=1) + "\n")
+        print(report_table(reports))
         return
     if args.plot_only or args.table:
         logs = load_logs(args.out)
@@ -333,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                    "--cache-dir", str(args.cache_dir)]  # fmt: skip
             if args.max_minutes is not None:
                 cmd += ["--max-minutes", str(args.max_minutes)]
+            if args.observe_guard:
+                cmd += ["--observe-guard", "--guard-policy", json.dumps(args.guard_policy)]
             if args.resume:
                 cmd.append("--resume")
             print(f"== {run_name(method, batch, args.n)}", flush=True)

@@ -123,7 +123,7 @@ class NormGuard:
         self.before_calls: list[tuple[int, list[int]]] = []
         self.histories: list[list[tuple[float, int]]] = []
 
-    def before(self, model, tok, version: int, applied) -> None:
+    def before(self, model, tok, version: int, applied, group) -> None:
         self.before_calls.append((version, [r["case_id"] for r in applied]))
 
     def decide(self, model, tok, staged, group, history) -> dict[str, Any]:

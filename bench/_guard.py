@@ -1,0 +1,303 @@
+"""The service's guard as a hook of ``bench/_editrun.py``'s loop, and the report of
+its decisions (issue 4: false rejections on ordinary edits, catch rate on the
+updates that collapse the model).
+
+:class:`CanaryGuard` runs the canary of ``workers.evaluation.canary`` (perplexity of
+the first ``canary_texts`` fixed fluency texts, recall of a sample of earlier edits)
+on the current version and on the staged update, and the guard's decision
+(``workers.evaluation.guard.decide``) under a ``service.settings.GuardPolicy``, as
+the worker does (``workers/guarding.py``). It also measures a **probe** the guard
+never sees: the perplexity of the *last* ``probe_texts`` fixed texts (disjoint from
+the canary's), before and after each update. The probe is the independent judge of
+whether an update collapsed the model, so that the catch rate is not the canary
+grading itself.
+
+``guard_report`` counts, over a run's verdicts: an update **collapses** the model if
+its probe perplexity more than doubles (the mean token probability at least halves)
+or if it is the largest-norm update of a checkpoint window over which the downstream
+macro score fell to less than half of the previous checkpoint's. Flagged updates
+that collapse are caught; flagged updates that do not are false rejections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from bench._editrun import GuardHook, request_of
+from workers.runtime import Staged
+
+GUARD_MODULES = ("workers.evaluation.guard", "workers.evaluation.canary")
+COLLAPSE_RATIO = 2.0  # probe perplexity after / before above this: collapsed
+MACRO_DROP = 0.5  # downstream macro below this × the previous checkpoint's: collapsed
+
+
+class GuardUnavailable(RuntimeError):
+    pass
+
+
+def _subject(rec: dict[str, Any]) -> str:
+    return " ".join(rec["requested_rewrite"]["subject"].split()).casefold()
+
+
+class CanaryGuard:
+    """:class:`bench._editrun.GuardHook` over the service's guard (the module
+    docstring); ``probe_texts`` 0 turns the probe off."""
+
+    def __init__(
+        self,
+        guard: Any,
+        canary: Any,
+        policy: Any,
+        *,
+        probe_texts: int = 4,
+    ) -> None:
+        from workers.evaluation.fluency import fixed_texts, perplexity  # noqa: PLC0415
+
+        self._guard, self._canary, self._policy = guard, canary, policy
+        self._texts = canary.canary_texts(policy.canary_texts)
+        self._recall_sample = policy.canary_edits
+        everything = list(fixed_texts())
+        if probe_texts and len(self._texts) + probe_texts > len(everything):
+            raise ValueError(
+                f"{len(self._texts)} canary and {probe_texts} probe texts overlap: "
+                f"there are {len(everything)} fixed texts"
+            )
+        self._probe = everything[len(everything) - probe_texts :] if probe_texts else []
+        self._perplexity = perplexity
+        self._cases: list[Any] = []
+        self._before: Any = None
+        # the canary of the current version and of the last staged one: version,
+        # perplexity, tokens, recall (case key → bool), probe perplexity
+        self._current: dict[str, Any] | None = None
+        self._staged: dict[str, Any] | None = None
+
+    def _sample(
+        self, applied: Sequence[dict[str, Any]], group: Sequence[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """At most ``canary_edits`` applied records, none about a subject of ``group``:
+        those with the smallest md5(case_id), as the service samples by md5(edit id)
+        (``workers.guarding.recall_sample``: uniform over the history and stable as it
+        grows, so that a version's cached recall is reused)."""
+        if self._recall_sample == 0:
+            return []
+        subjects = {_subject(r) for r in group}
+        ranked = sorted(
+            (r for r in applied if _subject(r) not in subjects),
+            key=lambda r: hashlib.md5(str(r["case_id"]).encode()).hexdigest(),
+        )
+        return sorted(ranked[: self._recall_sample], key=lambda r: r["case_id"])
+
+    def _probe_ppl(self, model: torch.nn.Module, tok: Any) -> float | None:
+        return self._perplexity(model, tok, self._probe) if self._probe else None
+
+    def before(
+        self,
+        model: torch.nn.Module,
+        tok: Any,
+        version: int,
+        applied: Sequence[dict[str, Any]],
+        group: Sequence[dict[str, Any]] = (),
+    ) -> None:
+        """The canary of ``version`` over the recall sample, from what was measured on
+        it when it was staged and, for the rest, measured now (as the service's
+        ``workers.guarding.before``)."""
+        if self._staged is not None and self._staged["version"] == version:
+            self._current = self._staged  # the accepted update's "after"
+        if self._current is None or self._current["version"] != version:
+            base = self._canary.measure(model, tok, self._texts)
+            self._current = {
+                "version": version, "perplexity": base.perplexity, "tokens": base.tokens,
+                "recall": {}, "probe": self._probe_ppl(model, tok),
+            }  # fmt: skip
+        self._cases = []
+        for rec in self._sample(applied, group):
+            req = request_of(rec)
+            self._cases.append(self._canary.RecallCase(
+                key=int(rec["case_id"]), prompt=req.text,
+                target_new=req.target_new, target_true=str(req.target_true),
+            ))  # fmt: skip
+        recall = self._current["recall"]
+        missing = [c for c in self._cases if c.key not in recall]
+        recall.update(self._canary.measure_recall(model, tok, missing))
+        self._before = self._canary.CanaryMeasurement(
+            perplexity=self._current["perplexity"],
+            tokens=self._current["tokens"],
+            recall={c.key: recall[c.key] for c in self._cases},
+        )
+
+    def decide(
+        self,
+        model: torch.nn.Module,
+        tok: Any,
+        staged: Staged,
+        group: Sequence[dict[str, Any]],
+        history: Sequence[tuple[float, int]],
+    ) -> dict[str, Any]:
+        after = self._canary.measure(model, tok, self._texts, self._cases)
+        verdict = self._guard.decide(
+            update_norm=staged.update_norm,
+            n_requests=len(group),
+            history=[self._guard.norm_per_request(n, k) for n, k in history if n > 0],
+            before=self._before,
+            after=after,
+            policy=self._policy,
+        )
+        probe_after = self._probe_ppl(model, tok)
+        self._staged = {
+            "version": staged.number, "perplexity": after.perplexity, "tokens": after.tokens,
+            "recall": dict(after.recall), "probe": probe_after,
+        }  # fmt: skip
+        out = {
+            **verdict.to_json(),
+            "canary_before": self._before.to_json(),
+            "canary_after": after.to_json(),
+        }
+        if self._probe:
+            out["probe"] = {"before": self._current["probe"], "after": probe_after}
+        return out
+
+
+def load_guard(
+    policy: Mapping[str, Any] | None = None,
+    *,
+    modules: Sequence[str] = GUARD_MODULES,
+    probe_texts: int = 4,
+) -> GuardHook:
+    """The service's guard as a :class:`GuardHook`; :class:`GuardUnavailable` (with
+    the reason) when its modules are not in this checkout."""
+    try:
+        guard, canary = (importlib.import_module(m) for m in modules)
+        settings = importlib.import_module("service.settings")
+        policy_cls = settings.GuardPolicy
+        for name in ("decide", "norm_per_request"):
+            getattr(guard, name)
+        for name in ("measure", "measure_recall", "canary_texts", "RecallCase",
+                     "CanaryMeasurement"):  # fmt: skip
+            getattr(canary, name)
+    except (ImportError, AttributeError) as exc:
+        raise GuardUnavailable(
+            f"--guard needs the service's guard ({', '.join(modules)} and "
+            f"service.settings.GuardPolicy; issue 4, item 3), which this checkout lacks: "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+    return CanaryGuard(
+        guard, canary, policy_cls.model_validate(dict(policy or {})), probe_texts=probe_texts
+    )
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type of ``--guard-policy`` and the like: a JSON object."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def _ratio(pair: Mapping[str, Any] | None) -> float | None:
+    if not pair or not pair.get("before") or pair.get("after") is None:
+        return None
+    return float(pair["after"]) / float(pair["before"])
+
+
+def guard_report(
+    log: Mapping[str, Any],
+    *,
+    macro: Any = None,
+    collapse_ratio: float = COLLAPSE_RATIO,
+    macro_drop: float = MACRO_DROP,
+) -> dict[str, Any]:
+    """The guard's decisions over a run's log against the collapses (module
+    docstring): counts, and per flagged or collapsing update its numbers. ``macro``
+    maps a checkpoint's ``evaluation`` to its macro score (None: the downstream test
+    is left out)."""
+    verdicts = [v for b in log["batches"] for v in b.get("guard", [])]
+    collapsed: dict[int, list[str]] = {}
+    for i, v in enumerate(verdicts):
+        r = _ratio(v.get("probe"))
+        if r is not None and r > collapse_ratio:
+            collapsed.setdefault(i, []).append(f"probe perplexity ×{r:.2f}")
+    if macro is not None:
+        index = {}  # edit number of the last record of each verdict → verdict index
+        pos = {c: k + 1 for k, c in enumerate(c for b in log["batches"] for c in b["case_ids"])}
+        for i, v in enumerate(verdicts):
+            index[max(pos[c] for c in v["case_ids"])] = i
+        previous = macro(log.get("baseline_evaluation"))
+        last = 0
+        for ckpt in log["checkpoints"]:
+            score = macro(ckpt.get("evaluation"))
+            window = [i for e, i in index.items() if last < e <= ckpt["edits"]]
+            if previous and score is not None and window and score < macro_drop * previous:
+                worst = max(window, key=lambda i: verdicts[i]["update_norm"])
+                collapsed.setdefault(worst, []).append(
+                    f"downstream macro {previous:.3f} → {score:.3f} by edit {ckpt['edits']}"
+                )
+            previous, last = (score if score is not None else previous), ckpt["edits"]
+    flagged = {i for i, v in enumerate(verdicts) if not v["accepted"]}
+    ordinary = len(verdicts) - len(collapsed)
+    false_rej = sorted(flagged - set(collapsed))
+    caught = sorted(flagged & set(collapsed))
+    norms = [v["update_norm"] for v in verdicts]
+
+    def row(i: int) -> dict[str, Any]:
+        v = verdicts[i]
+        return {
+            "case_ids": v["case_ids"],
+            "update_norm": v["update_norm"],
+            "flagged": i in flagged,
+            "reason": v.get("reason"),
+            "canary_ratio": _ratio(
+                {
+                    "before": (v.get("canary_before") or {}).get("perplexity"),
+                    "after": (v.get("canary_after") or {}).get("perplexity"),
+                }
+            ),  # fmt: skip
+            "probe_ratio": _ratio(v.get("probe")),
+            "collapse": collapsed.get(i, []),
+        }
+
+    return {
+        "run": log["run"],
+        "updates": len(verdicts),
+        "enforced": bool(verdicts) and all(v.get("enforced", True) for v in verdicts),
+        "flagged": len(flagged),
+        "collapsing": len(collapsed),
+        "caught": len(caught),
+        "ordinary": ordinary,
+        "false_rejections": len(false_rej),
+        "false_rejection_rate": len(false_rej) / ordinary if ordinary else None,
+        "catch_rate": len(caught) / len(collapsed) if collapsed else None,
+        "update_norm_median": statistics.median(norms) if norms else None,
+        "guard_s_median": statistics.median(v["seconds"] for v in verdicts) if verdicts else None,
+        "details": [row(i) for i in sorted(flagged | set(collapsed))],
+    }
+
+
+def report_table(reports: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: per run the updates judged, flagged, collapsing (probe or downstream),
+    caught, and the false rejections among the ordinary ones."""
+    lines = [
+        "| run | guard | updates | flagged | collapsing | caught (rate) "
+        "| false rejections / ordinary (rate) | guard s/update |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        catch = "—" if r["catch_rate"] is None else f"{r['catch_rate']:.0%}"
+        fr = "—" if r["false_rejection_rate"] is None else f"{r['false_rejection_rate']:.1%}"
+        gs = "—" if r["guard_s_median"] is None else f"{r['guard_s_median']:.2f}"
+        lines.append(
+            f"| {r['run']} | {'enforce' if r['enforced'] else 'observe'} | {r['updates']} "
+            f"| {r['flagged']} | {r['collapsing']} | {r['caught']} ({catch}) "
+            f"| {r['false_rejections']} / {r['ordinary']} ({fr}) | {gs} |"
+        )
+    return "\n".join(lines)
