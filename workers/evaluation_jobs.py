@@ -45,7 +45,7 @@ from service.db import session_scope
 from service.errors import Unavailable
 from service.evaluations import breaches, resolve_data_path
 from service.models import Edit, Evaluation, Job, JobKind, JobStatus, Model, Version
-from workers import jobs
+from workers import jobs, startup
 from workers.evaluation.suites import load_suite
 from workers.runtime import VersionRecord
 from workers.worker import WorkerState
@@ -78,7 +78,7 @@ def run_evaluation(state: WorkerState, job_id: str) -> dict[str, Any]:
             ev.started_at = ev.started_at or _now()
             evaluation_id, target, suite = ev.id, ev.version, ev.suite
             params = dict(ev.params or {})
-            records = jobs.version_records(s, state.model_id)
+            records = startup.version_records(s, state.model_id)
             edits = chain_edits(s, state.model_id, records, target) if suite == "retention" else []
         rt = state.runtime
         jobs._progress(state, job_id, 0.0, f"moving to version {target}")
@@ -119,7 +119,7 @@ def chain_edits(
     later rollback left behind still sees the edits it held. An edit whose client
     gave no target_true carries the one its edit job inferred.
     """
-    chain = jobs._chain(dict(records), number)
+    chain = startup.chain(dict(records), number)
     rows = s.execute(
         select(Edit, Version.number)
         .join(Version, Version.id == Edit.version_id)
@@ -294,9 +294,9 @@ def _rollback_plan(s: Session, state: WorkerState, ev: Evaluation) -> tuple[int 
     - to the last healthy version: the latest version before the evaluated one, on
       its chain, whose run of the same policy passed; else the base version 0.
     """
-    records = jobs.version_records(s, state.model_id)
+    records = startup.version_records(s, state.model_id)
     head = max(records)
-    if ev.version not in jobs._chain(records, head):
+    if ev.version not in startup.chain(records, head):
         return None, (
             f"version {ev.version} is no longer in effect (head {head} does not build on it)"
         )
@@ -309,7 +309,7 @@ def _rollback_plan(s: Session, state: WorkerState, ev: Evaluation) -> tuple[int 
     )
     if pending is not None:
         return None, f"rollback job {pending} is already pending"
-    earlier = sorted(n for n in jobs._chain(records, ev.version) if n < ev.version)
+    earlier = sorted(n for n in startup.chain(records, ev.version) if n < ev.version)
     healthy = s.scalars(
         select(Evaluation.version).where(
             Evaluation.model_id == state.model_id,
@@ -370,7 +370,7 @@ def enqueue(state: WorkerState, job_ids: Sequence[str]) -> None:
 
 def _enqueue(state: WorkerState, job_ids: Sequence[str], *, evaluation: bool) -> None:
     """Best effort: a job that Redis did not take stays queued in the ledger and
-    :func:`workers.jobs.requeue_unfinished` queues it when a worker starts."""
+    :func:`workers.startup.requeue_unfinished` queues it when a worker starts."""
     if not job_ids:
         return
     current = get_current_job()

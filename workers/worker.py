@@ -61,7 +61,7 @@ def set_state(state: WorkerState | None) -> None:
 
 def build_state(name: str, settings: Settings | None = None) -> WorkerState:
     """Load the model, register it in the ledger and sync it to the ledger's head."""
-    from workers import jobs  # noqa: PLC0415  (jobs imports this module)
+    from workers import startup  # noqa: PLC0415  (startup imports this module)
 
     settings = settings or get_settings()
     if name not in settings.models:
@@ -83,18 +83,18 @@ def build_state(name: str, settings: Settings | None = None) -> WorkerState:
     state = WorkerState(
         name=name, spec=spec, settings=settings, runtime=runtime, store=store, model_id=-1
     )
-    state.model_id = jobs.register_model(state)
-    jobs.stats_cache(state)  # keyed by the base weights' fingerprint: take it before syncing
+    state.model_id = startup.register_model(state)
+    startup.stats_cache(state)  # keyed by the base weights' fingerprint: take it before syncing
     if settings.warm_statistics:
-        jobs.warm_statistics(state)  # on the base weights, before syncing to the head
-        jobs.warm_editors(state)
-    jobs.sync_to_head(state)
+        startup.warm_statistics(state)  # on the base weights, before syncing to the head
+        startup.warm_editors(state)
+    startup.sync_to_head(state)
     return state
 
 
 def main(name: str, *, burst: bool = False) -> None:
     """Entry point of ``memedit worker``."""
-    from workers import jobs  # noqa: PLC0415
+    from workers import startup  # noqa: PLC0415
 
     settings = get_settings()
     state = build_state(name, settings)
@@ -105,7 +105,7 @@ def main(name: str, *, burst: bool = False) -> None:
         Queue(settings.edit_queue(name), connection=conn),
         Queue(settings.eval_queue(name), connection=conn),
     ]
-    jobs.requeue_unfinished(state, queues[1])
+    startup.requeue_unfinished(state, queues[1])
     worker = SimpleWorker(
         queues, connection=conn, name=f"memedit-{name}-{socket.gethostname()}-{os.getpid()}"
     )

@@ -36,7 +36,7 @@ from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
 from workers.batching import subject_key
-from workers.jobs import requeue_unfinished
+from workers.startup import requeue_unfinished
 
 pytestmark = pytest.mark.e2e
 

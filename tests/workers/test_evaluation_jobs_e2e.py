@@ -23,7 +23,7 @@ from service.api import create_app
 from service.settings import ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
-from workers import jobs
+from workers import startup
 from workers.evaluation import counterfact
 from workers.runtime import ModelRuntime
 from workers.worker import WorkerState
@@ -329,7 +329,7 @@ def test_a_lost_evaluation_is_requeued_on_the_eval_queue_from_the_ledger(
     assert created.status_code == 202
     redis_conn.flushdb()  # Redis lost the message; the ledger still has the job
     edits = Queue(e2e_settings.edit_queue(MODEL), connection=redis_conn)
-    assert jobs.requeue_unfinished(state, edits) == 1
+    assert startup.requeue_unfinished(state, edits) == 1
     evals = Queue(e2e_settings.eval_queue(MODEL), connection=redis_conn)
     assert evals.job_ids == [created.json()["job_id"]] and edits.job_ids == []
     drain(e2e_settings, redis_conn)

@@ -312,7 +312,7 @@ def test_lost_queue_message_is_recovered_from_the_ledger(
     assert job(client, r.json()["job_id"])["status"] == "queued"
 
     state = start_worker(e2e_settings)
-    from workers.jobs import requeue_unfinished  # noqa: PLC0415
+    from workers.startup import requeue_unfinished  # noqa: PLC0415
 
     assert (
         requeue_unfinished(state, Queue(e2e_settings.edit_queue(MODEL), connection=redis_conn)) == 1
