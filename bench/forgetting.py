@@ -142,10 +142,12 @@ def macro_score(evaluation: Mapping[str, Any] | None) -> float | None:
 GUARD_SUFFIX = {None: "", "enforce": "-guard", "observe": "-observe"}
 
 
-def forgetting_run_name(method: str, batch_size: int, n: int, guard_mode: str | None) -> str:
-    """``<method>-b<batch>-n<N>``, with ``-guard`` when the guard rejects and
+def forgetting_run_name(
+    method: str, batch_size: int, n: int, guard_mode: str | None, tag: str = ""
+) -> str:
+    """``<method>-b<batch>-n<N>[-<tag>]``, with ``-guard`` when the guard rejects and
     ``-observe`` when it only judges."""
-    return f"{method}-b{batch_size}-n{n}" + GUARD_SUFFIX[guard_mode]
+    return f"{method}-b{batch_size}-n{n}" + (f"-{tag}" if tag else "") + GUARD_SUFFIX[guard_mode]
 
 
 def run_forgetting(
@@ -166,15 +168,16 @@ def run_forgetting(
     resume: bool = False,
     info: dict[str, Any] | None = None,
     echo: Callable[[str], None] | None = None,
+    tag: str = "",
 ) -> dict[str, Any]:
     """One method's sequential run (the module docstring says what is logged); the
-    model is left at the last accepted edit."""
+    model is left at the last accepted edit. ``tag`` goes into the run's name."""
     mode = None if guard is None else "enforce" if guard_enforce else "observe"
     return run_sequential(
         model, tok, records, method, batch_size, out_dir,
         every=every, stats_cache=stats_cache, overrides=overrides, max_minutes=max_minutes,
         resume=resume, info=info, echo=echo,
-        name=forgetting_run_name(method, batch_size, len(records), mode),
+        name=forgetting_run_name(method, batch_size, len(records), mode, tag),
         header_extra={"bench": BENCH, "guarded": mode == "enforce", "guard_mode": mode},
         guard=guard, guard_enforce=guard_enforce, evaluate=evaluate,
     )  # fmt: skip
@@ -387,10 +390,11 @@ def _one(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     lm = load_model(MODEL_SOURCE, cache_dir=args.cache_dir)
     load_s = time.perf_counter() - t0
-    records = load_records(args.data / RECORDS_FILE, args.n)
+    records = picked_records(args)
     info = {
         "model": MODEL_SOURCE,
         "records": str(args.data / RECORDS_FILE),
+        "case_ids": str(args.case_ids) if args.case_ids else None,
         "evaluation": unavailable or f"{args.evaluation} {json.dumps(args.downstream)}",
         "guard_policy": args.guard_policy if args.guard else None,
         "guard_mode": mode,
@@ -408,8 +412,20 @@ def _one(args: argparse.Namespace) -> None:
         guard_enforce=mode != "observe", evaluate=evaluate,
         stats_cache=StatsCache(args.cache_dir / "stats", weights_fingerprint(lm.model)),
         max_minutes=args.max_minutes, resume=args.resume, info=info,
-        echo=lambda message: print(message, flush=True),
+        echo=lambda message: print(message, flush=True), tag="picked" if args.case_ids else "",
     )  # fmt: skip
+
+
+def picked_records(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The first ``--n`` records, or those of ``--case-ids`` in its order."""
+    if not args.case_ids:
+        return load_records(args.data / RECORDS_FILE, args.n)
+    ids = json.loads(args.case_ids.read_text())
+    by_id = {r["case_id"]: r for r in load_records(args.data / RECORDS_FILE, -1)}
+    missing = [c for c in ids if c not in by_id]
+    if missing:
+        sys.exit(f"{args.case_ids}: case ids not in {RECORDS_FILE}: {missing[:5]}")
+    return [by_id[c] for c in ids]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -418,6 +434,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=ALL)
     ap.add_argument("--n", type=int, default=200, help="records (edits) per run")
+    ap.add_argument("--case-ids", type=Path,
+                    help="a JSON list of case ids to edit in its order instead of the first --n "
+                    "(bench/rome_denominators.py --sequence-out)")  # fmt: skip
     ap.add_argument("--every", type=int, default=10, help="edits between checkpoints")
     ap.add_argument("--batch-size", type=int, default=1, help="records per batch (not ROME)")
     ap.add_argument("--guard", action="store_true", help="reject edits with the service's guard")
@@ -474,6 +493,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                "--downstream", json.dumps(args.downstream)]  # fmt: skip
         if args.no_downstream:
             cmd.append("--no-downstream")
+        if args.case_ids:
+            cmd += ["--case-ids", str(args.case_ids)]
         if args.guard:
             cmd += ["--guard", "--guard-mode", args.guard_mode,
                     "--guard-policy", json.dumps(args.guard_policy)]  # fmt: skip
@@ -482,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.resume:
             cmd.append("--resume")
         mode = args.guard_mode if args.guard else None
-        print(f"== {forgetting_run_name(method, args.batch_size, args.n, mode)}", flush=True)
+        n = len(json.loads(args.case_ids.read_text())) if args.case_ids else args.n
+        tag = "picked" if args.case_ids else ""
+        print(f"== {forgetting_run_name(method, args.batch_size, n, mode, tag)}", flush=True)
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env=env, check=False)
         print(f"== exit {done.returncode} after {time.perf_counter() - t0:.0f} s", flush=True)
