@@ -12,11 +12,15 @@ the canary's), before and after each update. The probe is the independent judge 
 whether an update collapsed the model, so that the catch rate is not the canary
 grading itself.
 
-``guard_report`` counts, over a run's verdicts: an update **collapses** the model if
-its probe perplexity more than doubles (the mean token probability at least halves)
-or if it is the largest-norm update of a checkpoint window over which the downstream
-macro score fell to less than half of the previous checkpoint's. Flagged updates
-that collapse are caught; flagged updates that do not are false rejections.
+``guard_report`` counts, over a run's verdicts, the updates that **collapse** the
+model and those the guard flagged. Issue 4 defines collapse as the downstream macro
+score or the canary perplexity degraded by more than half; ``judge="canary"`` (the
+default) follows it: the canary perplexity more than doubled by the update, or the
+update is the largest-norm one of a checkpoint window over which the downstream
+macro score fell below half of the previous checkpoint's. As the guard's own
+perplexity rule reads the same canary, ``judge="probe"`` swaps the canary for the
+probe: an independent judge. Flagged updates that collapse are caught; flagged
+updates that do not are false rejections.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from bench._editrun import GuardHook, request_of
 from workers.runtime import Staged
 
 GUARD_MODULES = ("workers.evaluation.guard", "workers.evaluation.canary")
-COLLAPSE_RATIO = 2.0  # probe perplexity after / before above this: collapsed
+COLLAPSE_RATIO = 2.0  # perplexity after / before above this: collapsed
 MACRO_DROP = 0.5  # downstream macro below this × the previous checkpoint's: collapsed
 
 
@@ -210,10 +214,16 @@ def _ratio(pair: Mapping[str, Any] | None) -> float | None:
     return float(pair["after"]) / float(pair["before"])
 
 
+def _canary_ratio(v: Mapping[str, Any]) -> float | None:
+    before = (v.get("canary_before") or {}).get("perplexity")
+    return _ratio({"before": before, "after": (v.get("canary_after") or {}).get("perplexity")})
+
+
 def guard_report(
     log: Mapping[str, Any],
     *,
     macro: Any = None,
+    judge: str = "canary",
     collapse_ratio: float = COLLAPSE_RATIO,
     macro_drop: float = MACRO_DROP,
 ) -> dict[str, Any]:
@@ -222,11 +232,13 @@ def guard_report(
     maps a checkpoint's ``evaluation`` to its macro score (None: the downstream test
     is left out)."""
     verdicts = [v for b in log["batches"] for v in b.get("guard", [])]
+    if judge not in ("canary", "probe"):
+        raise ValueError(f"judge is canary or probe, not {judge!r}")
     collapsed: dict[int, list[str]] = {}
     for i, v in enumerate(verdicts):
-        r = _ratio(v.get("probe"))
+        r = _canary_ratio(v) if judge == "canary" else _ratio(v.get("probe"))
         if r is not None and r > collapse_ratio:
-            collapsed.setdefault(i, []).append(f"probe perplexity ×{r:.2f}")
+            collapsed.setdefault(i, []).append(f"{judge} perplexity ×{r:.2f}")
     if macro is not None:
         index = {}  # edit number of the last record of each verdict → verdict index
         pos = {c: k + 1 for k, c in enumerate(c for b in log["batches"] for c in b["case_ids"])}
@@ -256,18 +268,14 @@ def guard_report(
             "update_norm": v["update_norm"],
             "flagged": i in flagged,
             "reason": v.get("reason"),
-            "canary_ratio": _ratio(
-                {
-                    "before": (v.get("canary_before") or {}).get("perplexity"),
-                    "after": (v.get("canary_after") or {}).get("perplexity"),
-                }
-            ),  # fmt: skip
+            "canary_ratio": _canary_ratio(v),
             "probe_ratio": _ratio(v.get("probe")),
             "collapse": collapsed.get(i, []),
         }
 
     return {
         "run": log["run"],
+        "judge": judge,
         "updates": len(verdicts),
         "enforced": bool(verdicts) and all(v.get("enforced", True) for v in verdicts),
         "flagged": len(flagged),
@@ -284,19 +292,20 @@ def guard_report(
 
 
 def report_table(reports: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown: per run the updates judged, flagged, collapsing (probe or downstream),
-    caught, and the false rejections among the ordinary ones."""
+    """Markdown: per run and judge the updates judged, flagged, collapsing, caught,
+    and the false rejections among the ordinary ones."""
     lines = [
-        "| run | guard | updates | flagged | collapsing | caught (rate) "
+        "| run | guard | collapse judged by | updates | flagged | collapsing | caught (rate) "
         "| false rejections / ordinary (rate) | guard s/update |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         catch = "—" if r["catch_rate"] is None else f"{r['catch_rate']:.0%}"
         fr = "—" if r["false_rejection_rate"] is None else f"{r['false_rejection_rate']:.1%}"
         gs = "—" if r["guard_s_median"] is None else f"{r['guard_s_median']:.2f}"
         lines.append(
-            f"| {r['run']} | {'enforce' if r['enforced'] else 'observe'} | {r['updates']} "
+            f"| {r['run']} | {'enforce' if r['enforced'] else 'observe'} | {r['judge']} "
+            f"| {r['updates']} "
             f"| {r['flagged']} | {r['collapsing']} | {r['caught']} ({catch}) "
             f"| {r['false_rejections']} / {r['ordinary']} ({fr}) | {gs} |"
         )

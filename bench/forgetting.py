@@ -35,9 +35,9 @@ delta is committed: a rejected delta is discarded, the model stays where it was,
 the log holds the verdict and its numbers. ``--guard-mode observe`` logs the
 verdicts but applies every delta: the unguarded run, judged. Each verdict also
 carries the probe (perplexity of fixed texts the canary does not use) before and
-after the delta; ``--guard-report`` counts the collapsing updates (probe perplexity
-more than doubled, or downstream macro halved within a window) the guard flagged
-and the ordinary ones it flagged wrongly (``<out>/guard.json``). Without the
+after the delta; ``--guard-report`` counts the collapsing updates (canary perplexity,
+or else the probe's, more than doubled, or downstream macro halved within a window)
+the guard flagged and the ordinary ones it flagged wrongly (``<out>/guard.json``). Without the
 guard's modules ``--guard`` exits with a message saying so. Runs are named
 ``<method>-b<batch>-n<N>[-guard|-observe]``.
 
@@ -287,9 +287,10 @@ def write_guard_reports(out_dir: Path, logs: Sequence[dict[str, Any]]) -> str:
     """``bench._guard.guard_report`` of every run the guard judged, written to
     ``<out>/guard.json``; returns the markdown table."""
     reports = [
-        guard_report(g, macro=macro_score)
+        guard_report(g, macro=macro_score, judge=judge)
         for g in logs
         if any(b.get("guard") for b in g["batches"])
+        for judge in ("canary", "probe")
     ]
     (out_dir / "guard.json").write_text(json.dumps(reports, indent=1) + "\n")
     return report_table(reports)

@@ -87,8 +87,7 @@ def blow_ups(
             bare = (k_bare * u).sum(-1)
             for rec, a, b in zip(part, averaged.tolist(), bare.tolist(), strict=True):
                 out.append({
-                    "case_id": rec["case_id"], "subject": rec["requested_rewrite"]["subject"],
-                    "averaged_denominator": a, "bare_denominator": b,
+                    "case_id": rec["case_id"], "averaged_denominator": a, "bare_denominator": b,
                     "blow_up": a / b if b != 0 else float("inf"),
                 })  # fmt: skip
     return out
@@ -179,9 +178,9 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"p90 {s['p90']:.2f}, p99 {s['p99']:.2f}, max {s['max']:.1f}; "
           f"≥2: {s['at_least_2']}, ≥5: {s['at_least_5']}, ≥10: {s['at_least_10']}, "
           f"negative denominators: {s['negative']}")  # fmt: skip
-    print("| case_id | subject | k*ᵀC⁻¹k* | k₀ᵀC⁻¹k* | blow-up |\n|---|---|---|---|---|")
+    print("| case_id | k*ᵀC⁻¹k* | k₀ᵀC⁻¹k* | blow-up |\n|---|---|---|---|")
     for r in top[:15]:
-        print(f"| {r['case_id']} | {r['subject']} | {r['averaged_denominator']:.4g} "
+        print(f"| {r['case_id']} | {r['averaged_denominator']:.4g} "
               f"| {r['bare_denominator']:.4g} | {r['blow_up']:.1f} |")  # fmt: skip
     print(f"written to {args.out}")
     if args.sequence_out:

@@ -330,8 +330,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         _one(args)
         return
     if args.guard_report:
-        reports = [guard_report(g) for g in load_logs(args.out)
-                   if any(b.get("guard") for b in g["batches"])]  # fmt: skip
+        reports = [guard_report(g, judge=judge) for g in load_logs(args.out)
+                   if any(b.get("guard") for b in g["batches"])
+                   for judge in ("canary", "probe")]  # fmt: skip
         (args.out / "guard.json").write_text(json.dumps(reports, indent=1) + "\n")
         print(report_table(reports))
         return

@@ -117,7 +117,7 @@ def test_guard_report_counts_catches_and_false_rejections() -> None:
     }
     from bench.forgetting import macro_score  # noqa: PLC0415
 
-    r = guard_report(log, macro=macro_score)
+    r = guard_report(log, macro=macro_score, judge="probe")
     assert (r["updates"], r["flagged"], r["collapsing"], r["caught"]) == (6, 2, 3, 1)
     assert (r["ordinary"], r["false_rejections"]) == (3, 1)
     assert r["catch_rate"] == pytest.approx(1 / 3)
@@ -125,9 +125,19 @@ def test_guard_report_counts_catches_and_false_rejections() -> None:
     assert [d["case_ids"] for d in r["details"]] == [[2], [3], [4], [6]]
     assert "downstream macro 0.500 → 0.200" in r["details"][3]["collapse"][0]
     # without the downstream test only the probe judges
-    assert guard_report(log)["collapsing"] == 2
+    assert guard_report(log, judge="probe")["collapsing"] == 2
     row = report_table([r]).splitlines()[-1]
-    assert row == "| r | enforce | 6 | 2 | 3 | 1 (33%) | 1 / 3 (33.3%) | 0.50 |"
+    assert row == "| r | enforce | probe | 6 | 2 | 3 | 1 (33%) | 1 / 3 (33.3%) | 0.50 |"
+    # the judge reads the canary: here it never moves, so only the downstream
+    # drop collapses (update 6, accepted) and both flagged updates are false rejections
+    c = guard_report(log, macro=macro_score)
+    assert c["judge"] == "canary" and (c["collapsing"], c["caught"]) == (1, 0)
+    assert (c["ordinary"], c["false_rejections"], c["catch_rate"]) == (5, 2, 0.0)
+    log["batches"][1]["guard"][0]["canary_after"] = {"perplexity": 25.0}  # update 2: ×2.5
+    c = guard_report(log, macro=macro_score)
+    assert (c["collapsing"], c["caught"], c["false_rejections"]) == (2, 1, 1)
+    with pytest.raises(ValueError, match="judge"):
+        guard_report(log, judge="oracle")
 
 
 def test_guard_report_of_the_forgetting_logs(tmp_path: Path, capsys) -> None:
@@ -135,5 +145,6 @@ def test_guard_report_of_the_forgetting_logs(tmp_path: Path, capsys) -> None:
     _run("rome_original", tmp_path / "out", tmp_path, guard=guard, guard_enforce=False)
     main(["--guard-report", "--out", str(tmp_path / "out")])
     printed = capsys.readouterr().out
-    assert "| rome_original-b1-n6-observe | observe | 6 | 6 | 0 | 0 (—) |" in printed
+    for judge in ("canary", "probe"):
+        assert f"| rome_original-b1-n6-observe | observe | {judge} | 6 | 6 | 0 | 0 (—) |" in printed
     assert (tmp_path / "out" / "guard.json").is_file()
