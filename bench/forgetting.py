@@ -208,15 +208,17 @@ def _positions(log: dict[str, Any]) -> dict[int, int]:
 
 
 def edit_norms(log: dict[str, Any]) -> list[tuple[int, float, bool]]:
-    """(edit number, update norm, accepted) of every delta that was staged: from the
-    guard's verdicts when there are any, else the applied deltas in order (one per
+    """(edit number, update norm, applied) of every delta that was staged: from the
+    guard's verdicts when there are any (a delta the guard only observed is applied
+    whatever its verdict), else the applied deltas in order (one per
     ``len(applied) / len(update_norms)`` records)."""
     pos = _positions(log)
     out: list[tuple[int, float, bool]] = []
     for b in log["batches"]:
         if "guard" in b:
             for v in b["guard"]:
-                out.append((max(pos[c] for c in v["case_ids"]), v["update_norm"], v["accepted"]))
+                applied = v["accepted"] or not v.get("enforced", True)
+                out.append((max(pos[c] for c in v["case_ids"]), v["update_norm"], applied))
             continue
         norms, applied = b["update_norms"], b["applied"]
         if not norms:
@@ -225,6 +227,18 @@ def edit_norms(log: dict[str, Any]) -> list[tuple[int, float, bool]]:
         for i, norm in enumerate(norms):
             out.append((max(pos[c] for c in applied[i * size : (i + 1) * size]), norm, True))
     return out
+
+
+def flagged_edits(log: dict[str, Any]) -> list[tuple[int, float]]:
+    """(edit number, update norm) of the deltas an observing guard would have
+    rejected (they were applied)."""
+    pos = _positions(log)
+    return [
+        (max(pos[c] for c in v["case_ids"]), v["update_norm"])
+        for b in log["batches"]
+        for v in b.get("guard", [])
+        if not v["accepted"] and not v.get("enforced", True)
+    ]
 
 
 def rejected_edits(log: dict[str, Any]) -> list[int]:
@@ -304,11 +318,11 @@ def plot_logs(out_dir: Path, logs: Sequence[dict[str, Any]] | None = None) -> li
     rejected edits marked ×) and ``drift.png`` (a panel per edited layer)."""
     plt = pyplot()
     logs = list(load_logs(out_dir) if logs is None else logs)
-    methods = sorted({g["method"] for g in logs})
+    runs = [g["run"] for g in logs]
 
     def style(g: dict[str, Any]) -> dict[str, Any]:
         return {
-            "color": f"C{methods.index(g['method']) % 10}",
+            "color": f"C{runs.index(g['run']) % 10}",
             "linestyle": "--" if g["guarded"] else "-",
             "marker": ".",
             "label": g["run"],
@@ -336,6 +350,10 @@ def plot_logs(out_dir: Path, logs: Sequence[dict[str, Any]] | None = None) -> li
         bad = [(x, n) for x, n, a in norms if not a and n > 0]
         if bad:
             ax_norm.scatter(*zip(*bad, strict=True), color=st["color"], marker="x", s=40, zorder=3)
+        seen = flagged_edits(g)
+        if seen:
+            ax_norm.scatter(*zip(*seen, strict=True), facecolors="none", edgecolors=st["color"],
+                            marker="o", s=60, zorder=3)  # fmt: skip
         drift = [(c["edits"], max(c["drift"].values())) for c in ck if c["drift"]]
         if drift:
             drift.insert(0, (0, 0.0))  # the unedited model
@@ -345,6 +363,9 @@ def plot_logs(out_dir: Path, logs: Sequence[dict[str, Any]] | None = None) -> li
                 ax.axvline(x, color=st["color"], linestyle=":", linewidth=0.7, alpha=0.6)
     if any(rejected_edits(g) for g in logs):
         ax_norm.scatter([], [], color="grey", marker="x", label="rejected (not applied)")
+    if any(flagged_edits(g) for g in logs):
+        ax_norm.scatter([], [], facecolors="none", edgecolors="grey", marker="o",
+                        label="flagged by the observing guard (applied)")  # fmt: skip
         ax_ret.plot([], [], color="grey", linestyle=":", label="a rejected edit")
     for ax, title in (
         (ax_ret, "retention: edits so far still holding"),
