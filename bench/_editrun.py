@@ -505,11 +505,12 @@ def _apply_batch(
         t1 = time.perf_counter()
         entry["compute_s"] += t1 - t0
         entry["compute_cpu_s"] += time.process_time() - c0
-        before_s = 0.0
+        before_s = before_cpu_s = 0.0
         if guard is not None:
             assert runtime.current_version is not None
+            c1 = time.process_time()
             guard.before(model, tok, runtime.current_version, applied, group)
-            before_s = time.perf_counter() - t1
+            before_s, before_cpu_s = time.perf_counter() - t1, time.process_time() - c1
         try:
             staged = runtime.stage(delta)
         except ValueError as exc:  # the runtime refuses non-finite or misshapen deltas
@@ -517,7 +518,7 @@ def _apply_batch(
             entry["rejected"].append({"case_ids": ids, "reason": f"ValueError: {exc}"})
             continue
         if guard is not None:
-            t_guard = time.perf_counter()
+            t_guard, c_guard = time.perf_counter(), time.process_time()
             verdict = guard.decide(model, tok, staged, group, history)
             verdict = {
                 **verdict,
@@ -525,6 +526,7 @@ def _apply_batch(
                 "update_norm": staged.update_norm,
                 "n_requests": len(group),
                 "seconds": round(before_s + time.perf_counter() - t_guard, 4),
+                "cpu_seconds": round(before_cpu_s + time.process_time() - c_guard, 4),
                 "enforced": enforce,
             }
             entry["guard"].append(verdict)

@@ -214,6 +214,13 @@ def _ratio(pair: Mapping[str, Any] | None) -> float | None:
     return float(pair["after"]) / float(pair["before"])
 
 
+def _median_of(verdicts: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """Median of a verdict field, over the verdicts that have it (older logs lack
+    ``cpu_seconds``)."""
+    values = [v[key] for v in verdicts if v.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
 def _canary_ratio(v: Mapping[str, Any]) -> float | None:
     before = (v.get("canary_before") or {}).get("perplexity")
     return _ratio({"before": before, "after": (v.get("canary_after") or {}).get("perplexity")})
@@ -287,6 +294,7 @@ def guard_report(
         "catch_rate": len(caught) / len(collapsed) if collapsed else None,
         "update_norm_median": statistics.median(norms) if norms else None,
         "guard_s_median": statistics.median(v["seconds"] for v in verdicts) if verdicts else None,
+        "guard_cpu_s_median": _median_of(verdicts, "cpu_seconds"),
         "details": [row(i) for i in sorted(flagged | set(collapsed))],
     }
 
@@ -296,13 +304,15 @@ def report_table(reports: Sequence[Mapping[str, Any]]) -> str:
     and the false rejections among the ordinary ones."""
     lines = [
         "| run | guard | collapse judged by | updates | flagged | collapsing | caught (rate) "
-        "| false rejections / ordinary (rate) | guard s/update |",
+        "| false rejections / ordinary (rate) | guard s/update (CPU s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         catch = "—" if r["catch_rate"] is None else f"{r['catch_rate']:.0%}"
         fr = "—" if r["false_rejection_rate"] is None else f"{r['false_rejection_rate']:.1%}"
         gs = "—" if r["guard_s_median"] is None else f"{r['guard_s_median']:.2f}"
+        if r.get("guard_cpu_s_median") is not None:
+            gs += f" ({r['guard_cpu_s_median']:.2f})"
         lines.append(
             f"| {r['run']} | {'enforce' if r['enforced'] else 'observe'} | {r['judge']} "
             f"| {r['updates']} "

@@ -47,6 +47,8 @@ def test_observe_mode_logs_verdicts_and_applies_every_delta(tmp_path: Path) -> N
     # and every record applied so far reaches the guard's "before", with the group
     assert [len(applied) for _, applied in guard.before_calls] == list(range(len(RECORDS)))
     assert all("guard_s" in b and b["guard_s"] >= 0 for b in log["batches"])
+    # the guard's time is logged as wall and as CPU seconds of this process
+    assert all(v["seconds"] >= 0 and v["cpu_seconds"] >= 0 for v in verdicts)
 
 
 def test_canary_guard_reuses_the_accepted_update_and_samples_like_the_service(
@@ -88,6 +90,7 @@ def _verdict(case: int, norm: float, accepted: bool, probe: tuple[float, float])
     return {
         "case_ids": [case], "update_norm": norm, "n_requests": 1, "accepted": accepted,
         "reason": None if accepted else "norm", "enforced": True, "seconds": 0.5,
+        "cpu_seconds": 0.25,
         "canary_before": {"perplexity": 10.0}, "canary_after": {"perplexity": 10.0},
         "probe": {"before": probe[0], "after": probe[1]},
     }  # fmt: skip
@@ -127,7 +130,7 @@ def test_guard_report_counts_catches_and_false_rejections() -> None:
     # without the downstream test only the probe judges
     assert guard_report(log, judge="probe")["collapsing"] == 2
     row = report_table([r]).splitlines()[-1]
-    assert row == "| r | enforce | probe | 6 | 2 | 3 | 1 (33%) | 1 / 3 (33.3%) | 0.50 |"
+    assert row == "| r | enforce | probe | 6 | 2 | 3 | 1 (33%) | 1 / 3 (33.3%) | 0.50 (0.25) |"
     # the judge reads the canary: here it never moves, so only the downstream
     # drop collapses (update 6, accepted) and both flagged updates are false rejections
     c = guard_report(log, macro=macro_score)
