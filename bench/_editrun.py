@@ -43,7 +43,7 @@ from workers.editing.types import EditContext, EditRequest
 from workers.evaluation.scoring import paired_target_logprobs
 from workers.models.loading import weights_fingerprint
 from workers.models.profiles import profile_for
-from workers.runtime import ModelRuntime, Staged, VersionRecord
+from workers.runtime import ModelRuntime, Staged, VersionRecord, tensor_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEMEDIT_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -370,6 +370,8 @@ def run_sequential(
     t0 = time.perf_counter()
     editor.compute_delta(model, tok, [request_of(records[0])], hp, context())
     setup["warmup_s"] = round(time.perf_counter() - t0, 3)
+    if provider is not None:  # which statistics: they are computed anew on each machine
+        setup["stats_sha256"] = {p: tensor_sha256(provider(p))[:16] for p in params}
     setup["peak_rss_after_setup_gb"] = round(_peak_rss_gb(), 3)
 
     done = len(log["batches"])

@@ -109,6 +109,10 @@ def test_run_logs_every_checkpoint_and_plots(method: str, tmp_path: Path, capsys
     assert all(len(b["update_norms"]) == per_batch for b in log["batches"])
     assert all(x > 0 and x == x for b in log["batches"] for x in b["update_norms"])
     assert log["setup"]["warmup_s"] > 0 and log["setup"]["stats_s"] >= 0
+    # the statistics used, by hash: one per edited layer, the same for both methods' layers
+    stats = log["setup"]["stats_sha256"]
+    assert sorted(stats) == sorted(f"model.layers.{i}.mlp.down_proj.weight" for i in layers)
+    assert all(len(h) == 16 for h in stats.values()) and len(set(stats.values())) == len(stats)
 
     ckpts = log["checkpoints"]
     assert [c["edits"] for c in ckpts] == [2, 4, 6]
