@@ -195,6 +195,64 @@ def table(logs: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+MARKS = (250, 500, 750, 1000)  # the progress table's columns (edits)
+
+
+def progress(log: dict[str, Any], marks: Sequence[int] = MARKS) -> dict[str, Any]:
+    """Over the whole run: the median and the largest CPU seconds per edit of a batch,
+    the median wall seconds, the lowest window efficacy (and where), and the retention
+    at the checkpoint nearest each mark (``None`` past the run's last checkpoint)."""
+    cpu = [b["compute_cpu_s"] / len(b["case_ids"]) for b in log["batches"] if b["case_ids"]]
+    wall = [b["compute_s"] / len(b["case_ids"]) for b in log["batches"] if b["case_ids"]]
+    ckpts = [c for c in log["checkpoints"] if c["efficacy"] is not None]
+    worst = min(ckpts, key=lambda c: c["efficacy"], default=None)
+    at: dict[int, tuple[int, float] | None] = {}
+    for mark in marks:
+        if not log["checkpoints"] or log["checkpoints"][-1]["edits"] < mark:
+            at[mark] = None  # the run stopped before
+            continue
+        c = min(log["checkpoints"], key=lambda c: (abs(c["edits"] - mark), c["edits"]))
+        at[mark] = (c["edits"], c["retention"])
+    return {
+        "cpu_s_per_edit_median": statistics.median(cpu) if cpu else None,
+        "cpu_s_per_edit_max": max(cpu) if cpu else None,
+        "s_per_edit_median": statistics.median(wall) if wall else None,
+        "lowest_window_efficacy": (worst["edits"], worst["efficacy"]) if worst else None,
+        "retention_at": at,
+    }
+
+
+def progress_table(logs: Sequence[dict[str, Any]], marks: Sequence[int] = MARKS) -> str:
+    """Markdown: per run the CPU and wall seconds per edit over the whole run, the
+    lowest window efficacy, and retention at each mark (the checkpoint's edit count
+    in brackets where it is not the mark)."""
+    head = " / ".join(f"{m:,}" for m in marks)
+    lines = [
+        "| run | CPU s/edit, median (max batch) | wall s/edit, median "
+        f"| lowest window ES (at edits) | retention at {head} edits |",
+        "|---|---|---|---|---|",
+    ]
+    for log in logs:
+        p = progress(log, marks)
+        cells = []
+        for mark in marks:
+            hit = p["retention_at"][mark]
+            if hit is None:
+                cells.append("–")
+            else:
+                edits, value = hit
+                cells.append(_fmt(value, 3) + ("" if edits == mark else f" ({edits})"))
+        worst = p["lowest_window_efficacy"]
+        lines.append(
+            f"| {log['method']} batch {log['batch_size']} "
+            f"| {_fmt(p['cpu_s_per_edit_median'], 2)} ({_fmt(p['cpu_s_per_edit_max'], 2)}) "
+            f"| {_fmt(p['s_per_edit_median'], 2)} "
+            f"| {'–' if worst is None else f'{_fmt(worst[1], 2)} ({worst[0]})'} "
+            f"| {' / '.join(cells)} |"
+        )
+    return "\n".join(lines)
+
+
 PLOTS = (
     ("efficacy", "efficacy (ES) of the last window"),
     ("paraphrase", "paraphrase (PS) of the last window"),
@@ -345,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print(f"wrote {path}")
         if args.table:
             print(table(logs))
+            print()
+            print(progress_table(logs))
         return
     if not (args.data / "counterfact_dev.jsonl").is_file():
         sys.exit(f"{args.data / 'counterfact_dev.jsonl'} not found (set --data)")

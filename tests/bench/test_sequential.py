@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,8 @@ from bench.sequential import (
     load_logs,
     main,
     plan_batches,
+    progress,
+    progress_table,
     run_sequential,
     summary,
     table,
@@ -169,8 +172,9 @@ def main_plot_and_table(out: Path, capsys) -> list[Path]:
         if line.startswith("wrote ")
     ]
     rows = [line for line in printed.splitlines() if line.startswith("| ") and "batch 2" in line]
-    assert len(rows) == len(load_logs(out)) == 1
-    assert "| 6/6 |" in rows[0]
+    # the summary table and the progress table: one row each per run
+    assert len(rows) == 2 * len(load_logs(out)) == 2
+    assert "| 6/6 |" in rows[0] and rows[1].endswith("| – / – / – / – |")
     return files
 
 
@@ -201,3 +205,26 @@ def test_max_minutes_cuts_and_resume_finishes_like_an_uncut_run(tmp_path: Path) 
     assert summary(done)["edits"] == 6
     assert len(list((out / "state").rglob("*.safetensors"))) == 1
     assert "memit batch 2" in table([done])
+
+
+def test_progress_reads_retention_at_the_nearest_checkpoint() -> None:
+    def batch(n: int, cpu: float) -> dict[str, Any]:
+        return {"case_ids": list(range(n)), "compute_cpu_s": cpu, "compute_s": 2 * cpu}
+
+    def ckpt(edits: int, es: float, retention: float) -> dict[str, Any]:
+        return {"edits": edits, "efficacy": es, "retention": retention}
+
+    log = {
+        "method": "memit", "batch_size": 64,
+        "batches": [batch(64, 64.0), batch(64, 128.0), batch(64, 96.0), batch(8, 40.0)],
+        "checkpoints": [ckpt(64, 1.0, 1.0), ckpt(128, 0.75, 0.9), ckpt(192, 0.9, 0.8),
+                        ckpt(200, 1.0, 0.7)],
+    }  # fmt: skip
+    p = progress(log, marks=(100, 200, 250))
+    assert p["cpu_s_per_edit_median"] == pytest.approx(1.75)  # of 1, 2, 1.5, 5
+    assert p["cpu_s_per_edit_max"] == 5.0 and p["s_per_edit_median"] == pytest.approx(3.5)
+    assert p["lowest_window_efficacy"] == (128, 0.75)
+    # 100 is nearer 128 than 64; 200 is a checkpoint; the run stopped before 250
+    assert p["retention_at"] == {100: (128, 0.9), 200: (200, 0.7), 250: None}
+    row = progress_table([log], marks=(100, 200, 250)).splitlines()[-1]
+    assert row == "| memit batch 64 | 1.75 (5.00) | 3.50 | 0.75 (128) | 0.900 (128) / 0.700 / – |"
