@@ -55,7 +55,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,19 +107,38 @@ def load_logs(out_dir: Path) -> list[dict[str, Any]]:
     return logs
 
 
+def _last_windows(
+    ckpts: Sequence[dict[str, Any]],
+    value: Callable[[dict[str, Any]], float | None],
+    *,
+    first: bool = False,
+) -> float | None:
+    """Mean of ``value`` over the windows of the last (``first``: the first) ≥ LAST
+    edits, weighted by the edits each window applied (windows without a value are
+    left out)."""
+    tail, count = [], 0
+    for c in ckpts if first else reversed(ckpts):
+        if count >= LAST:
+            break
+        v = value(c)
+        if v is not None:
+            tail.append((v, c["window_applied"]))
+        count += c["window_edits"]
+    weight = sum(w for _, w in tail)
+    return sum(v * w for v, w in tail) / weight if weight else None
+
+
+def _ns_change(c: dict[str, Any]) -> float | None:
+    if c["neighborhood"] is None or c["unedited_neighborhood"] is None:
+        return None
+    return c["neighborhood"] - c["unedited_neighborhood"]
+
+
 def summary(log: dict[str, Any]) -> dict[str, Any]:
     """One run's summary row (see :func:`table`)."""
     ckpts = log["checkpoints"]
     last = ckpts[-1] if ckpts else {}
     applied = [c for b in log["batches"] for c in b["applied"]]
-    # efficacy of the last ≥ LAST edits as scored right after their window
-    tail, count = [], 0
-    for c in reversed(ckpts):
-        if count >= LAST:
-            break
-        if c["efficacy"] is not None:
-            tail.append((c["efficacy"], c["window_applied"]))
-        count += c["window_edits"]
     forgotten = set(last.get("forgotten_case_ids", []))
     last_ids = applied[-LAST:]
     ends, edits = [], 0
@@ -150,9 +169,8 @@ def summary(log: dict[str, Any]) -> dict[str, Any]:
         "rejected": sum(len(r["case_ids"]) for b in log["batches"] for r in b["rejected"]),
         **{k: last.get(k) for k in ("efficacy", "paraphrase", "neighborhood", "retention")},
         **{f"unedited_{k}": last.get(f"unedited_{k}") for k in ("efficacy", "paraphrase", "neighborhood")},
-        "last_efficacy_at_edit": (
-            sum(e * w for e, w in tail) / sum(w for _, w in tail) if tail and sum(w for _, w in tail) else None
-        ),
+        # efficacy of the last ≥ LAST edits as scored right after their window
+        "last_efficacy_at_edit": _last_windows(ckpts, lambda c: c["efficacy"]),
         "last_efficacy_at_end": (
             sum(c not in forgotten for c in last_ids) / len(last_ids) if last_ids and ckpts else None
         ),
@@ -200,8 +218,10 @@ MARKS = (250, 500, 750, 1000)  # the progress table's columns (edits)
 
 def progress(log: dict[str, Any], marks: Sequence[int] = MARKS) -> dict[str, Any]:
     """Over the whole run: the median and the largest CPU seconds per edit of a batch,
-    the median wall seconds, the lowest window efficacy (and where), and the retention
-    at the checkpoint nearest each mark (``None`` past the run's last checkpoint)."""
+    the median wall seconds, the lowest window efficacy (and where), the change of NS
+    against the unedited model over the first and the last ≥ LAST edits' windows, and
+    the retention at the checkpoint nearest each mark (``None`` past the run's last
+    checkpoint)."""
     cpu = [b["compute_cpu_s"] / len(b["case_ids"]) for b in log["batches"] if b["case_ids"]]
     wall = [b["compute_s"] / len(b["case_ids"]) for b in log["batches"] if b["case_ids"]]
     ckpts = [c for c in log["checkpoints"] if c["efficacy"] is not None]
@@ -218,19 +238,27 @@ def progress(log: dict[str, Any], marks: Sequence[int] = MARKS) -> dict[str, Any
         "cpu_s_per_edit_max": max(cpu) if cpu else None,
         "s_per_edit_median": statistics.median(wall) if wall else None,
         "lowest_window_efficacy": (worst["edits"], worst["efficacy"]) if worst else None,
+        "ns_change_first": _last_windows(log["checkpoints"], _ns_change, first=True),
+        "ns_change_last": _last_windows(log["checkpoints"], _ns_change),
         "retention_at": at,
     }
 
 
+def _signed(x: float | None) -> str:
+    return "–" if x is None else f"{x:+.2f}".replace("-", "−")
+
+
 def progress_table(logs: Sequence[dict[str, Any]], marks: Sequence[int] = MARKS) -> str:
     """Markdown: per run the CPU and wall seconds per edit over the whole run, the
-    lowest window efficacy, and retention at each mark (the checkpoint's edit count
-    in brackets where it is not the mark)."""
+    lowest window efficacy, NS minus the unedited NS over the first → the last 100
+    edits, and retention at each mark (the checkpoint's edit count in brackets where
+    it is not the mark)."""
     head = " / ".join(f"{m:,}" for m in marks)
     lines = [
         "| run | CPU s/edit, median (max batch) | wall s/edit, median "
-        f"| lowest window ES (at edits) | retention at {head} edits |",
-        "|---|---|---|---|---|",
+        f"| lowest window ES (at edits) | NS − unedited, first → last {LAST} "
+        f"| retention at {head} edits |",
+        "|---|---|---|---|---|---|",
     ]
     for log in logs:
         p = progress(log, marks)
@@ -248,6 +276,7 @@ def progress_table(logs: Sequence[dict[str, Any]], marks: Sequence[int] = MARKS)
             f"| {_fmt(p['cpu_s_per_edit_median'], 2)} ({_fmt(p['cpu_s_per_edit_max'], 2)}) "
             f"| {_fmt(p['s_per_edit_median'], 2)} "
             f"| {'–' if worst is None else f'{_fmt(worst[1], 2)} ({worst[0]})'} "
+            f"| {_signed(p['ns_change_first'])} → {_signed(p['ns_change_last'])} "
             f"| {' / '.join(cells)} |"
         )
     return "\n".join(lines)

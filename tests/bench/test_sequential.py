@@ -211,20 +211,27 @@ def test_progress_reads_retention_at_the_nearest_checkpoint() -> None:
     def batch(n: int, cpu: float) -> dict[str, Any]:
         return {"case_ids": list(range(n)), "compute_cpu_s": cpu, "compute_s": 2 * cpu}
 
-    def ckpt(edits: int, es: float, retention: float) -> dict[str, Any]:
-        return {"edits": edits, "efficacy": es, "retention": retention}
+    def ckpt(edits: int, es: float, retention: float, ns: float, n: int) -> dict[str, Any]:
+        return {"edits": edits, "efficacy": es, "retention": retention, "neighborhood": ns,
+                "unedited_neighborhood": 0.5, "window_edits": n, "window_applied": n}  # fmt: skip
 
     log = {
         "method": "memit", "batch_size": 64,
         "batches": [batch(64, 64.0), batch(64, 128.0), batch(64, 96.0), batch(8, 40.0)],
-        "checkpoints": [ckpt(64, 1.0, 1.0), ckpt(128, 0.75, 0.9), ckpt(192, 0.9, 0.8),
-                        ckpt(200, 1.0, 0.7)],
+        "checkpoints": [ckpt(64, 1.0, 1.0, 0.5, 64), ckpt(128, 0.75, 0.9, 0.25, 64),
+                        ckpt(192, 0.9, 0.8, 0.25, 64), ckpt(200, 1.0, 0.7, 0.0, 8)],
     }  # fmt: skip
     p = progress(log, marks=(100, 200, 250))
     assert p["cpu_s_per_edit_median"] == pytest.approx(1.75)  # of 1, 2, 1.5, 5
     assert p["cpu_s_per_edit_max"] == 5.0 and p["s_per_edit_median"] == pytest.approx(3.5)
     assert p["lowest_window_efficacy"] == (128, 0.75)
+    # NS against the unedited 0.5 over the first / the last ≥ 100 edits, by window size
+    assert p["ns_change_first"] == pytest.approx(-0.125)  # windows 64, 128: 0, −0.25
+    assert p["ns_change_last"] == pytest.approx((-0.25 * 64 * 2 - 0.5 * 8) / 136)
     # 100 is nearer 128 than 64; 200 is a checkpoint; the run stopped before 250
     assert p["retention_at"] == {100: (128, 0.9), 200: (200, 0.7), 250: None}
     row = progress_table([log], marks=(100, 200, 250)).splitlines()[-1]
-    assert row == "| memit batch 64 | 1.75 (5.00) | 3.50 | 0.75 (128) | 0.900 (128) / 0.700 / – |"
+    assert row == (
+        "| memit batch 64 | 1.75 (5.00) | 3.50 | 0.75 (128) | −0.12 → −0.26 "
+        "| 0.900 (128) / 0.700 / – |"
+    )
