@@ -26,10 +26,11 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import ledger, queue
-from service.errors import InvalidInput, ServiceError
+from service import ledger, presence, queue
+from service.errors import InvalidInput, ServiceError, WorkerUnavailable
 from service.evaluations import SuiteName
 from service.models import Edit, EditStatus, Evaluation, Job, Model, Version
+from service.redis_clients import blocking_client, command_client
 from service.schemas import (
     DEFAULT_NEW_TOKENS,
     EditCreate,
@@ -55,6 +56,7 @@ from service.schemas import (
     ScoreResponse,
     VersionPublic,
     VersionsPublic,
+    WorkerPublic,
 )
 from service.settings import Settings, get_settings
 
@@ -69,7 +71,14 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _SYNC_ERRORS: dict[int | str, dict[str, Any]] = {
     **_ERRORS,
     502: {"model": ErrorPublic, "description": "the worker raised"},
-    504: {"model": ErrorPublic, "description": "no worker answered in time"},
+    503: {
+        "model": ErrorPublic,
+        "description": (
+            "no worker serves the model, or it did not answer within sync_timeout_s "
+            "(starting, or busy); Retry-After says when to try again, worker its state"
+        ),
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    },
 }
 
 
@@ -89,9 +98,16 @@ def _redis(request: Request) -> Redis:
     return request.app.state.redis
 
 
+def _reads_redis(request: Request) -> Redis:
+    return request.app.state.reads_redis
+
+
 SettingsDep = Annotated[Settings, Depends(_settings)]
 SessionDep = Annotated[Session, Depends(_session)]
+# commands that return at once (enqueue, ping, worker state)
 RedisDep = Annotated[Redis, Depends(_redis)]
+# score/generate: blocks up to sync_timeout_s waiting for the worker's answer
+ReadsRedisDep = Annotated[Redis, Depends(_reads_redis)]
 Limit = Annotated[int, Query(ge=1, le=ledger.MAX_PAGE, description="page size")]
 Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
 
@@ -105,7 +121,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The API bound to ``settings`` (default: :func:`service.settings.get_settings`).
 
     The lifespan opens the database engine, registers the configured models
-    (:func:`service.ledger.sync_models`) and opens the Redis connection.
+    (:func:`service.ledger.sync_models`) and opens two Redis clients: one for
+    commands and one for the reads that wait for a worker
+    (:mod:`service.redis_clients` says why and how long each may block).
     """
     settings = settings or get_settings()
 
@@ -117,17 +135,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             connect_args={"connect_timeout": _CONNECT_TIMEOUT_S},
         )
         sessions = sessionmaker(bind=engine, expire_on_commit=False)
-        # no read timeout: score/generate block on Redis for up to sync_timeout_s
-        redis = Redis.from_url(settings.redis_url, socket_connect_timeout=_CONNECT_TIMEOUT_S)
+        redis = command_client(settings.redis_url)
+        reads_redis = blocking_client(settings.redis_url, queue.read_wait_s(settings))
         try:
             with sessions.begin() as session:
                 ledger.sync_models(session, settings)
             app.state.settings = settings
             app.state.sessions = sessions
             app.state.redis = redis
+            app.state.reads_redis = reads_redis
             yield
         finally:
             redis.close()
+            reads_redis.close()
             engine.dispose()
 
     app = FastAPI(
@@ -169,20 +189,27 @@ def healthz(session: SessionDep, redis: RedisDep) -> JSONResponse:
 
 
 @router.get("/v1/models", tags=["models"])
-def list_models(session: SessionDep) -> list[ModelPublic]:
-    """The configured models and their head version (null until a worker registered one)."""
-    return [_model_public(m, head) for m, head in ledger.list_models(session)]
+def list_models(session: SessionDep, redis: RedisDep, settings: SettingsDep) -> list[ModelPublic]:
+    """The configured models, their head version and what their worker is doing
+    (``worker.state``: ``loading``, ``statistics`` with ``progress``, ``ready`` or
+    ``no worker``)."""
+    return [
+        _model_public(m, head, _worker(redis, settings, m.name))
+        for m, head in ledger.list_models(session)
+    ]
 
 
 @router.put("/v1/models/{model}/policy", responses=_ERRORS, tags=["models"])
-def set_policy(model: str, body: PolicyUpdate, session: SessionDep) -> ModelPublic:
+def set_policy(
+    model: str, body: PolicyUpdate, session: SessionDep, redis: RedisDep, settings: SettingsDep
+) -> ModelPublic:
     """Replace the model's evaluation policy: suites run after every version whose
     number is a multiple of ``every_versions``, compared with ``thresholds``; a
     breach raises an alert and, with ``action: rollback``, queues a rollback to the
     last healthy version. Applies to versions committed from now on."""
     row = ledger.set_evaluation_policy(session, model, body.evaluations)
     head = ledger.head_version_number(session, row.id)
-    public = _model_public(row, head)
+    public = _model_public(row, head, _worker(redis, settings, model))
     session.commit()
     return public
 
@@ -214,7 +241,9 @@ def create_edits(
         max_requests=settings.max_requests_per_edit,
         batching=body.batching,
     )
-    created = EditJobCreated(job_id=job.id, edit_ids=[e.id for e in job.edits])
+    created = EditJobCreated(
+        job_id=job.id, edit_ids=[e.id for e in job.edits], worker=_worker(redis, settings, model)
+    )
     session.commit()  # the ledger row exists before the queue hears of it
     queue.enqueue_job(redis, settings, model, job.id)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -272,7 +301,7 @@ def create_rollback(
     session.commit()
     queue.enqueue_job(redis, settings, model, job_id)
     response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return JobCreated(job_id=job_id)
+    return JobCreated(job_id=job_id, worker=_worker(redis, settings, model))
 
 
 @router.post(
@@ -296,7 +325,10 @@ def create_evaluation(
         session, model, body.suite, body.version, body.params
     )
     created = EvaluationJobCreated(
-        job_id=job.id, evaluation_id=evaluation.id, version=evaluation.version
+        job_id=job.id,
+        evaluation_id=evaluation.id,
+        version=evaluation.version,
+        worker=_worker(redis, settings, model),
     )
     session.commit()
     queue.enqueue_evaluation(redis, settings, model, job.id)
@@ -402,7 +434,11 @@ def list_guard_decisions(
 
 @router.post("/v1/models/{model}/score", responses=_SYNC_ERRORS, tags=["reads"])
 def score(
-    model: str, body: ScoreRequest, session: SessionDep, redis: RedisDep, settings: SettingsDep
+    model: str,
+    body: ScoreRequest,
+    session: SessionDep,
+    redis: ReadsRedisDep,
+    settings: SettingsDep,
 ) -> ScoreResponse:
     """Mean per-token log-probability of ``" " + target`` after each prompt, at head."""
     if len(body.targets) != len(body.prompts):
@@ -426,7 +462,7 @@ def generate(
     model: str,
     body: GenerateRequest,
     session: SessionDep,
-    redis: RedisDep,
+    redis: ReadsRedisDep,
     settings: SettingsDep,
 ) -> GenerateResponse:
     """Greedy continuation of ``prompt`` by the head version."""
@@ -448,13 +484,19 @@ def _release_after_lookup(session: Session, model: str) -> None:
 # -- ORM rows -> public schemas ---------------------------------------------------------
 
 
-def _model_public(m: Model, head: int | None) -> ModelPublic:
+def _worker(redis: Redis, settings: Settings, model: str) -> WorkerPublic:
+    state = presence.model_worker(redis, settings.queue_prefix, model)
+    return WorkerPublic.model_validate(state.public())
+
+
+def _model_public(m: Model, head: int | None, worker: WorkerPublic) -> ModelPublic:
     return ModelPublic(
         name=m.name,
         source=m.source,
         architecture=m.architecture,
         head_version=head,
         policy=dict(m.policy or {}),
+        worker=worker,
     )
 
 
@@ -533,11 +575,15 @@ def _version_public(v: Version) -> VersionPublic:
 # -- errors ---------------------------------------------------------------------------
 
 
-def _error_response(status_code: int, items: list[ErrorItem]) -> JSONResponse:
+def _error_response(
+    status_code: int, items: list[ErrorItem], worker: WorkerPublic | None = None
+) -> JSONResponse:
     first = items[0]
     detail = f"{first.field}: {first.message}" if first.field else first.message
-    body = ErrorPublic(detail=detail, errors=items)
-    return JSONResponse(body.model_dump(mode="json"), status_code=status_code)
+    body = ErrorPublic(detail=detail, errors=items, worker=worker).model_dump(mode="json")
+    if worker is None:
+        del body["worker"]  # only the 503s of reads carry it
+    return JSONResponse(body, status_code=status_code)
 
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
@@ -546,6 +592,10 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code >= 500:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
     item = ErrorItem(field=exc.field, message=exc.message, type=exc.error_type)
+    if isinstance(exc, WorkerUnavailable):
+        response = _error_response(exc.status_code, [item], WorkerPublic.model_validate(exc.worker))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
     return _error_response(exc.status_code, [item])
 
 

@@ -11,6 +11,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,9 +72,24 @@ def worker(
 ) -> None:
     """Run a worker that holds MODEL and applies its edits (one per device)."""
     _setup_logging(log_level)
-    # imported by name: the worker needs torch, the rest of the CLI does not
-    worker_main = importlib.import_module("workers.worker").main
-    worker_main(model, burst=burst)
+    from service.presence import Phase, Presence  # noqa: PLC0415
+    from service.redis_clients import command_client  # noqa: PLC0415
+
+    settings = get_settings()
+    if model not in settings.models:
+        raise typer.BadParameter(f"unknown model {model!r}; configured: {sorted(settings.models)}")
+    # announce the worker before the imports and the model load, which take a while:
+    # reads wait for it instead of being refused as having no worker
+    name = f"memedit-{model}-{socket.gethostname()}-{os.getpid()}"
+    presence = Presence(command_client(settings.redis_url), settings.queue_prefix, model, name)
+    presence.set(Phase.loading, message="starting")
+    presence.start()
+    try:
+        # imported by name: the worker needs torch, the rest of the CLI does not
+        worker_main = importlib.import_module("workers.worker").main
+        worker_main(model, burst=burst, presence=presence)
+    finally:
+        presence.stop()
 
 
 class _Children:
@@ -151,9 +167,9 @@ def up(
         )
         children.start("worker", ["worker", "--model", model, "--log-level", log_level], env)
         url = f"http://{host}:{port}"
-        _wait_healthy(url, children)
+        _wait_healthy(url, model, children)
         typer.echo(f"memedit is up at {url} (API docs at {url}/docs); Ctrl-C stops it")
-        _wait_worker_ready(services.redis_url, settings.edit_queue(model), model, children)
+        _wait_worker_ready(url, model, children)
         while not children.dead():
             time.sleep(0.5)
         for name, rc in children.dead():
@@ -171,35 +187,60 @@ def up(
     raise typer.Exit(code)
 
 
-def _wait_healthy(url: str, children: _Children, timeout_s: float = 120.0) -> None:
+def _wait_healthy(url: str, model: str, children: _Children, timeout_s: float = 120.0) -> None:
+    """Until the API answers and the worker has announced itself (so that a read
+    sent from now on waits for it rather than finding no worker)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if children.dead():
             name, rc = children.dead()[0]
             raise RuntimeError(f"{name} exited with code {rc} during start-up")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+        if _worker_state(url, model) not in (None, "no worker", "unknown"):
+            return
         time.sleep(0.3)
-    raise RuntimeError(f"the API did not answer at {url}/healthz within {timeout_s:.0f} s")
+    raise RuntimeError(f"the API did not answer at {url} within {timeout_s:.0f} s")
+
+
+def _worker_state(url: str, model: str) -> str | None:
+    """The model's worker state from ``GET /v1/models``, or ``None`` if the API does
+    not answer."""
+    return (_model_worker(url, model) or {}).get("state")
+
+
+def _model_worker(url: str, model: str) -> dict | None:
+    try:
+        response = httpx.get(f"{url}/v1/models", timeout=5.0)
+        if response.status_code != 200:
+            return None
+        for m in response.json():
+            if m.get("name") == model:
+                return m.get("worker") or {}
+    except (httpx.HTTPError, ValueError):
+        return None
+    return None
 
 
 def _wait_worker_ready(
-    redis_url: str, queue: str, model: str, children: _Children, timeout_s: float = 1800.0
+    url: str, model: str, children: _Children, timeout_s: float = 3600.0
 ) -> None:
-    """Tell the user when a worker listens on the model's queue (edits sent earlier
-    wait in the queue; the first start also computes the layer statistics)."""
-    from redis import Redis  # noqa: PLC0415
-    from rq import Queue, Worker  # noqa: PLC0415
-
-    conn = Redis.from_url(redis_url)
+    """Tell the user how the worker's start-up goes, and when it is ready (edits,
+    rollbacks and evaluations sent earlier wait in the queue; reads are answered
+    between the statistics' steps on a fresh ledger)."""
     deadline = time.monotonic() + timeout_s
+    shown = ""
     while time.monotonic() < deadline and not children.dead():
-        if Worker.all(queue=Queue(queue, connection=conn)):
+        worker = _model_worker(url, model) or {}
+        state = worker.get("state")
+        if state == "ready":
             typer.echo(f"worker for {model} is ready")
             return
+        if state == "statistics" and worker.get("progress") is not None:
+            line = f"computing statistics, {10 * int(10 * worker['progress'])}%"  # per 10 %
+        else:
+            line = f"{state or 'waiting for the API'} ({worker.get('message') or '…'})"
+        if line != shown:
+            typer.echo(f"worker for {model}: {line}")
+            shown = line
         time.sleep(1.0)
 
 

@@ -8,6 +8,8 @@ parameter such as ``model``), so that every 4xx body names the field.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ServiceError(Exception):
     """Base class: ``field`` names the offending input, ``message`` says what is wrong."""
@@ -49,11 +51,20 @@ class Unavailable(ServiceError):
     error_type = "unavailable"
 
 
-class WorkerTimeout(ServiceError):
-    """No worker answered a synchronous request in time (HTTP 504)."""
+class WorkerUnavailable(Unavailable):
+    """No worker can answer a score/generate request now: none serves the model, or
+    the one that does did not answer within the API's wait (it is starting, or busy
+    with an edit). HTTP 503 with ``Retry-After``; ``worker`` is the model's worker
+    state (:meth:`service.presence.ModelWorker.public`)."""
 
-    status_code = 504
-    error_type = "worker_timeout"
+    error_type = "worker_unavailable"
+
+    def __init__(
+        self, field: str | None, message: str, *, worker: dict[str, Any], retry_after_s: int
+    ) -> None:
+        super().__init__(field, message)
+        self.worker = worker
+        self.retry_after_s = retry_after_s
 
 
 class WorkerFailed(ServiceError):

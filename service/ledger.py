@@ -40,6 +40,7 @@ from service.models import (
     JobStatus,
     Model,
     Version,
+    VersionKind,
 )
 from service.schemas import Batching, EditRequestIn
 from service.settings import Settings
@@ -63,10 +64,14 @@ class Page(Generic[T]):
 
 
 def sync_models(session: Session, settings: Settings) -> list[str]:
-    """Insert a ``models`` row for every configured model name that has none.
+    """Insert a ``models`` row for every configured model name that has none, and
+    its base version 0.
 
     The source comes from the settings; the architecture stays unknown until a
-    worker loads the model and reports it. Existing rows are left as they are.
+    worker loads the model and reports it. Version 0 is the base weights: its
+    tensor hashes stay empty until the first worker loads them and records them
+    (so an evaluation or a rollback to the base can be accepted, and wait in the
+    queue, before any worker has started). Existing rows are left as they are.
     Safe to run from several processes at once. Returns the names inserted.
     """
     added: list[str] = []
@@ -83,6 +88,20 @@ def sync_models(session: Session, settings: Settings) -> list[str]:
         )
         if session.execute(stmt).first() is not None:
             added.append(name)
+        model_id = session.scalar(select(Model.id).where(Model.name == name))
+        session.execute(
+            pg_insert(Version)
+            .values(
+                model_id=model_id,
+                number=0,
+                kind=VersionKind.base,
+                tensor_sha256={},
+                drift={},
+                timing={},
+                info={"source": spec.source},
+            )
+            .on_conflict_do_nothing(constraint="uq_versions_model_number")
+        )
     if added:
         log.info("registered models %s", added)
     return added

@@ -10,15 +10,19 @@ string that only the worker process resolves. Two kinds of work:
   The caller commits the ledger row first; Redis only carries the id, and a
   worker re-enqueues ledger jobs that Redis lost.
 - Score and generate go to ``settings.read_queue(model)`` and the API waits for
-  the answer up to ``settings.sync_timeout_s``. No answer in time →
-  :class:`WorkerTimeout` (the rq job is deleted so that no worker runs it later);
-  the worker raised → :class:`WorkerFailed` with the exception's message.
+  the answer up to ``settings.sync_timeout_s`` (:func:`call_read`, on a client whose
+  read timeout exceeds that wait: :mod:`service.redis_clients`). No worker serves
+  the model, or none answered in time → :class:`WorkerUnavailable` (503 with
+  ``Retry-After`` and the worker's state; a request nobody took is deleted so that
+  no worker runs it later); the worker raised → :class:`WorkerFailed` with the
+  exception's message.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any, Literal
 
 from redis import Redis
@@ -28,7 +32,8 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RqJob
 from rq.results import Result
 
-from service.errors import Unavailable, WorkerFailed, WorkerTimeout
+from service import presence
+from service.errors import Unavailable, WorkerFailed, WorkerUnavailable
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,9 @@ _READ_RESULT_TTL_S = 60
 # a read nobody took expires this long after the API stopped waiting for it (the API
 # deletes it itself; this covers an API process that died while waiting)
 _READ_GRACE_S = 10
+# Retry-After of a 503 when there is nothing better to say (no worker, a busy one)
+RETRY_AFTER_S = 10
+_RETRY_AFTER_MAX_S = 600
 
 
 def enqueue_job(
@@ -81,11 +89,22 @@ def call_read(
 ) -> dict[str, Any]:
     """Run ``workers.jobs.<function>(**kwargs)`` on ``model``'s worker and return its result.
 
-    Waits up to ``settings.sync_timeout_s`` (rounded up to whole seconds, as rq's
-    blocking result read takes seconds). A request nobody answered in time is
-    deleted from the queue, so that no worker runs it later.
+    With no worker serving the model (no live record in :mod:`service.presence`),
+    refuses at once. Otherwise waits up to ``settings.sync_timeout_s`` (rounded up
+    to whole seconds, as rq's blocking result read takes seconds): a worker that is
+    still loading answers once it has loaded, one computing its statistics between
+    two of their steps, a busy one after its current job. ``redis`` must read for
+    longer than that wait (``XREAD BLOCK``; :func:`service.redis_clients.blocking_client`).
+    A request nobody answered in time is deleted from the queue, so that no worker
+    runs it later.
     """
-    wait_s = max(1, math.ceil(settings.sync_timeout_s))
+    wait_s = read_wait_s(settings)
+    worker = presence.model_worker(redis, settings.queue_prefix, model)
+    if worker.state == presence.NO_WORKER:
+        raise _unavailable(
+            worker,
+            f"no worker serves model {model!r}; start one (memedit worker --model {model})",
+        )
     queue = Queue(settings.read_queue(model), connection=redis)
     try:
         job = queue.enqueue(
@@ -97,20 +116,41 @@ def call_read(
             failure_ttl=_READ_RESULT_TTL_S,
             description=f"{function} for {model}",
         )
-        result = job.latest_result(timeout=wait_s)
+        result = job.latest_result(timeout=wait_s)  # XREAD BLOCK wait_s
     except RedisError as exc:
         raise Unavailable("redis", f"the queue did not answer: {exc}") from exc
     if result is None:
         _discard(queue, job)
-        raise WorkerTimeout(
-            None,
-            f"no worker for model {model!r} answered the {function} request within "
-            f"{wait_s} s; is a worker for this model running (memedit worker --model "
-            f"{model})?",
+        worker = presence.model_worker(redis, settings.queue_prefix, model)
+        raise _unavailable(
+            worker,
+            f"the worker of model {model!r} did not answer the {function} request within "
+            f"{wait_s} s: {worker.describe()}",
         )
     if result.type == Result.Type.SUCCESSFUL:
         return result.return_value
     raise WorkerFailed(None, f"the worker failed the {function} request: {_exc_message(result)}")
+
+
+def read_wait_s(settings: Settings) -> int:
+    """How long the API waits for a read's answer, in the whole seconds rq takes."""
+    return max(1, math.ceil(settings.sync_timeout_s))
+
+
+def _unavailable(worker: presence.ModelWorker, message: str) -> WorkerUnavailable:
+    return WorkerUnavailable(
+        None, message, worker=worker.public(), retry_after_s=_retry_after(worker)
+    )
+
+
+def _retry_after(worker: presence.ModelWorker) -> int:
+    """Seconds until the worker is likely to answer: for one computing its statistics,
+    what is left at the pace so far; otherwise :data:`RETRY_AFTER_S`."""
+    if worker.state == presence.Phase.statistics.value and worker.progress and worker.since:
+        elapsed = max(0.0, time.time() - worker.since)
+        left = elapsed * (1.0 - worker.progress) / worker.progress
+        return int(min(_RETRY_AFTER_MAX_S, max(RETRY_AFTER_S, math.ceil(left))))
+    return RETRY_AFTER_S
 
 
 def _discard(queue: Queue, job: RqJob) -> None:

@@ -27,6 +27,27 @@ class _Input(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# -- workers --------------------------------------------------------------------------
+
+WorkerStateName = Literal["no worker", "loading", "statistics", "ready", "unknown"]
+
+
+class WorkerPublic(BaseModel):
+    """What the model's worker is doing (service/presence.py). ``loading``: the worker
+    process started and loads the weights; ``statistics``: it computes the layer
+    statistics and editor caches (``progress`` 0..1; it answers score/generate between
+    steps when its weights are the head); ``ready``; ``no worker``; ``unknown`` when
+    Redis did not answer. Edits, rollbacks and evaluations are accepted in every state
+    and wait in the queue."""
+
+    state: WorkerStateName
+    workers: int = Field(0, description="live workers of the model")
+    progress: float | None = Field(None, description="start-up progress, 0..1")
+    message: str | None = None
+    version: int | None = Field(None, description="the version the worker's weights are at")
+    since: datetime | None = Field(None, description="when the worker entered this state")
+
+
 # -- edits ----------------------------------------------------------------------------
 
 
@@ -75,6 +96,7 @@ class EditCreate(_Input):
 class EditJobCreated(BaseModel):
     job_id: str
     edit_ids: list[int]
+    worker: WorkerPublic = Field(description="the model's worker now: the job waits for it")
 
 
 class EditPublic(BaseModel):
@@ -104,6 +126,7 @@ class EditsPublic(BaseModel):
 
 class JobCreated(BaseModel):
     job_id: str
+    worker: WorkerPublic = Field(description="the model's worker now: the job waits for it")
 
 
 class JobPublic(BaseModel):
@@ -153,13 +176,16 @@ class ModelPublic(BaseModel):
     name: str
     source: str
     architecture: str | None = Field(description="model_type, known once a worker loaded it")
-    head_version: int | None = Field(description="newest version number; null before a worker")
+    head_version: int | None = Field(
+        description="newest version number (0, the base weights, from the start)"
+    )
     policy: dict[str, Any] = Field(
         description=(
             "snapshot_every, the batching policy max_batch / max_wait_ms, and "
             "evaluations (suites run every N versions, with thresholds)"
         )
     )
+    worker: WorkerPublic = Field(description="what the model's worker is doing")
 
 
 class PolicyUpdate(_Input):
@@ -199,6 +225,7 @@ class EvaluationJobCreated(BaseModel):
     job_id: str
     evaluation_id: int
     version: int
+    worker: WorkerPublic = Field(description="the model's worker now: the job waits for it")
 
 
 class EvaluationPublic(BaseModel):
@@ -299,3 +326,6 @@ class ErrorItem(BaseModel):
 class ErrorPublic(BaseModel):
     detail: str = Field(description="the first error as '<field>: <message>'")
     errors: list[ErrorItem]
+    worker: WorkerPublic | None = Field(
+        None, description="on a 503 of score/generate: the model's worker state"
+    )

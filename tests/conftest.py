@@ -177,6 +177,12 @@ def settings(
     db.get_engine.cache_clear()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The README tier first: on a fresh checkout it computes the SmolLM2 statistics
+    (and dequantises the model) into the cache the quality tests then read."""
+    items.sort(key=lambda item: item.get_closest_marker("readme") is None)
+
+
 # -- measurements printed at the end of the run -----------------------------------------
 
 _MEASUREMENTS: list[str] = []

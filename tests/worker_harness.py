@@ -10,13 +10,26 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue, SimpleWorker
 
+from service.presence import Phase, Presence
+from service.redis_clients import command_client
 from service.settings import Settings
 from workers.worker import WorkerState, build_state, set_state
 
 
 def start_worker(model: str, settings: Settings) -> WorkerState:
+    """Build the worker's state (load, register, warm, sync) and announce it as ready,
+    as ``memedit worker`` does (its record lives for ten minutes: no heartbeat)."""
     state = build_state(model, settings)
     set_state(state)
+    presence = Presence(
+        command_client(settings.redis_url),
+        settings.queue_prefix,
+        model,
+        f"test-worker-{model}",
+        version=lambda: state.runtime.current_version,
+        ttl_s=600,
+    )
+    presence.set(Phase.ready)
     return state
 
 

@@ -34,7 +34,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from redis import Redis
 from rq import get_current_job
 from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -45,6 +44,7 @@ from service.db import session_scope
 from service.errors import Unavailable
 from service.evaluations import breaches, resolve_data_path
 from service.models import Edit, Evaluation, Job, JobKind, JobStatus, Model, Version
+from service.redis_clients import command_client
 from workers import jobs, startup
 from workers.evaluation.suites import load_suite
 from workers.runtime import VersionRecord
@@ -374,7 +374,7 @@ def _enqueue(state: WorkerState, job_ids: Sequence[str], *, evaluation: bool) ->
     if not job_ids:
         return
     current = get_current_job()
-    conn = current.connection if current is not None else Redis.from_url(state.settings.redis_url)
+    conn = current.connection if current is not None else command_client(state.settings.redis_url)
     put = queue.enqueue_evaluation if evaluation else queue.enqueue_job
     for job_id in job_ids:
         try:

@@ -5,8 +5,8 @@ and the caches its edits need (called by :mod:`workers.worker` and the jobs).
   ledger and that the loaded weights are that base;
 - :func:`sync_to_head` brings the in-memory model to the ledger's head;
 - :func:`requeue_unfinished` puts back the jobs a stopped worker left unfinished;
-- :func:`warm_statistics` and :func:`warm_editors` compute the key statistics and
-  the editors' per-layer caches before the first edit;
+- :func:`warm_steps` computes the key statistics and the editors' per-layer caches
+  before the first edit, in steps (the worker answers reads in between);
 - :func:`version_records` and :func:`chain` read the version tree.
 """
 
@@ -38,7 +38,7 @@ from service.models import (
     VersionKind,
 )
 from workers.editing.common.base import EditError
-from workers.editing.common.stats import StatsCache, stats_provider
+from workers.editing.common.stats import StatsCache, Steps, stats_provider
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext
 from workers.models.loading import weights_fingerprint
@@ -82,7 +82,9 @@ def register_model(state: WorkerState) -> int:
                 model.architecture = model_type
                 model.policy = {**(model.policy or {}), **state.spec.policy()}
                 v0 = s.scalar(
-                    select(Version).where(Version.model_id == model.id, Version.number == 0)
+                    select(Version)
+                    .where(Version.model_id == model.id, Version.number == 0)
+                    .with_for_update()
                 )
                 if v0 is None:
                     s.add(
@@ -94,6 +96,15 @@ def register_model(state: WorkerState) -> int:
                             info={"source": state.spec.source, "code_version": CODE_VERSION},
                         )
                     )
+                elif not v0.tensor_sha256:
+                    # the API wrote version 0 when it first saw the model configured
+                    # (ledger.sync_models); the first worker to load it records its hashes
+                    v0.tensor_sha256 = base
+                    v0.info = {
+                        **(v0.info or {}),
+                        "source": state.spec.source,
+                        "code_version": CODE_VERSION,
+                    }
                 elif v0.tensor_sha256 != base:
                     differing = sorted(k for k in base if v0.tensor_sha256.get(k) != base[k])
                     raise IntegrityError(
@@ -139,6 +150,12 @@ def version_records(s: Session, model_id: int) -> dict[int, VersionRecord]:
 
 def head_number(s: Session, model_id: int) -> int:
     return int(s.scalar(select(func.max(Version.number)).where(Version.model_id == model_id)))
+
+
+def ledger_head(state: WorkerState) -> int:
+    """The model's head version in the ledger now."""
+    with session_scope(_engine(state)) as s:
+        return head_number(s, state.model_id)
 
 
 def sync_to_head(state: WorkerState) -> int:
@@ -276,16 +293,17 @@ def stats_provider_for(
     )
 
 
-def warm_statistics(state: WorkerState) -> None:
+# the share of start-up progress given to the statistics; the editors' caches take the rest
+_STATISTICS_SHARE = 0.95
+
+
+def warm_steps(state: WorkerState) -> Steps[None]:
     """Compute (or load) the statistics every method's defaults need, before the
-    model moves away from its base weights."""
-    last = [-1.0]
-
-    def report(fraction: float, message: str) -> None:
-        if fraction - last[0] >= 0.1 or fraction >= 1.0:
-            last[0] = fraction
-            log.info("statistics for %s: %.0f%% (%s)", state.name, 100 * fraction, message)
-
+    model moves away from its base weights, then let every editor that can build its
+    per-layer caches for its defaults (MEMIT/EMMET: factorisations of C; AlphaEdit:
+    the null-space bases), so that the first edit of each method costs what later
+    ones do. In steps (a batch of the statistics corpus, or one editor); yields
+    ``(fraction, message)``."""
     # one pass per corpus over the union of the layers the methods' defaults edit
     wanted: dict[tuple[str, int, int], set[int]] = {}
     for method in METHODS:
@@ -294,44 +312,53 @@ def warm_statistics(state: WorkerState) -> None:
             key = (hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_sample_tokens)
             wanted.setdefault(key, set()).update(hp.layers)
     profile = profile_for(state.runtime.model)
-    for (corpus, n_samples, sample_tokens), layers in wanted.items():
-        stats_cache(state).get_or_compute(
+    passes = max(1, len(wanted))
+    last = -1.0
+    for i, ((corpus, n_samples, sample_tokens), layers) in enumerate(wanted.items()):
+        steps = stats_cache(state).steps(
             state.runtime.model,
             state.runtime.tokenizer,
             [profile.mlp_out_param(layer) for layer in sorted(layers)],
             corpus,
             n_samples,
             sample_tokens,
-            progress=report,
         )
-
-
-def warm_editors(state: WorkerState) -> dict[str, float]:
-    """Let every editor that can build its per-layer caches for its default hparams
-    (MEMIT/EMMET: factorisations of C; AlphaEdit: the null-space bases), so that the
-    first edit of each method costs what later ones do. Returns seconds per method."""
-    rt = state.runtime
+        for fraction, message in steps:
+            if fraction - last >= 0.1 or fraction >= 1.0:
+                last = fraction
+                log.info("statistics for %s: %.0f%% (%s)", state.name, 100 * fraction, message)
+            yield _STATISTICS_SHARE * (i + fraction) / passes, f"statistics: {message}"
+        last = -1.0
     seconds: dict[str, float] = {}
-    for method in METHODS:
-        editor = get_editor(method)
-        prepare = getattr(editor, "prepare", None)
-        if prepare is None:
-            continue
-        hp = resolve_hparams(state, method, None)
-        t0 = time.perf_counter()
-        ctx = EditContext(
-            device=state.settings.device,
-            cache=state.cache,
-            stats_provider=stats_provider_for(state, hp),
-            state=rt.method_state(),
+    preparing = [m for m in METHODS if getattr(get_editor(m), "prepare", None) is not None]
+    for j, method in enumerate(preparing):
+        yield (
+            _STATISTICS_SHARE + (1 - _STATISTICS_SHARE) * j / len(preparing),
+            f"preparing the {method} editor",
         )
-        try:
-            prepare(rt.model, hp, ctx)
-        except EditError as exc:
-            # the method's defaults do not fit this model (e.g. no null space for
-            # AlphaEdit): its edits will fail with this reason, the others still work
-            log.warning("%s cannot prepare %s with its defaults: %s", state.name, method, exc)
-            continue
-        seconds[method] = round(time.perf_counter() - t0, 3)
+        elapsed = _prepare_editor(state, method)
+        if elapsed is not None:
+            seconds[method] = elapsed
     log.info("editor caches for %s built: %s", state.name, seconds)
-    return seconds
+
+
+def _prepare_editor(state: WorkerState, method: str) -> float | None:
+    """Build ``method``'s per-layer caches for its defaults; seconds taken, or None
+    when its defaults do not fit this model."""
+    rt = state.runtime
+    hp = resolve_hparams(state, method, None)
+    t0 = time.perf_counter()
+    ctx = EditContext(
+        device=state.settings.device,
+        cache=state.cache,
+        stats_provider=stats_provider_for(state, hp),
+        state=rt.method_state(),
+    )
+    try:
+        get_editor(method).prepare(rt.model, hp, ctx)  # type: ignore[attr-defined]
+    except EditError as exc:
+        # the method's defaults do not fit this model (e.g. no null space for
+        # AlphaEdit): its edits will fail with this reason, the others still work
+        log.warning("%s cannot prepare %s with its defaults: %s", state.name, method, exc)
+        return None
+    return round(time.perf_counter() - t0, 3)

@@ -5,6 +5,15 @@ Queues, in priority order: ``<prefix>:reads:<model>`` (score, generate),
 ``<prefix>:edits:<model>`` (edit and rollback jobs) and ``<prefix>:evals:<model>``
 (evaluation jobs: they run when no edit waits). A forked job child could not
 keep its weight changes, so the worker is rq's ``SimpleWorker``.
+
+Start-up (:func:`startup_steps`) is loading the weights and registering them, then
+the layer statistics and the editors' caches, then syncing to the ledger's head.
+The statistics take minutes on a CPU, so they run in steps inside the rq loop
+(:class:`StartingWorker`): between two steps the worker answers the reads waiting
+on its read queue, if its weights are the head's (a ledger at version 0, or
+statistics already cached). Edits, rollbacks and evaluations wait in their queues
+until start-up is done. The worker's state is published in Redis all along
+(:mod:`service.presence`).
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +29,13 @@ from typing import Any
 import torch
 from redis import Redis
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 
+from service.presence import Phase, Presence
+from service.redis_clients import WORKER_TTL_S, command_client, worker_client
 from service.settings import ModelSpec, Settings, get_settings
 from workers.artifacts import ArtifactStore
+from workers.editing.common.stats import Steps, run_steps
 from workers.models.loading import load_model
 from workers.runtime import ModelRuntime
 
@@ -59,8 +73,8 @@ def set_state(state: WorkerState | None) -> None:
     _STATE = state
 
 
-def build_state(name: str, settings: Settings | None = None) -> WorkerState:
-    """Load the model, register it in the ledger and sync it to the ledger's head."""
+def load_state(name: str, settings: Settings | None = None) -> WorkerState:
+    """Load the model and register it in the ledger (the base weights' hashes)."""
     from workers import startup  # noqa: PLC0415  (startup imports this module)
 
     settings = settings or get_settings()
@@ -69,7 +83,6 @@ def build_state(name: str, settings: Settings | None = None) -> WorkerState:
     spec = settings.models[name]
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    artifact_dir = Path(settings.artifact_dir)
     log.info("loading %s from %s on %s", name, spec.source, settings.device)
     loaded = load_model(
         spec.source,
@@ -78,39 +91,156 @@ def build_state(name: str, settings: Settings | None = None) -> WorkerState:
         revision=spec.revision,
         cache_dir=settings.effective_cache_dir,
     )
-    runtime = ModelRuntime(loaded)
-    store = ArtifactStore(artifact_dir)
     state = WorkerState(
-        name=name, spec=spec, settings=settings, runtime=runtime, store=store, model_id=-1
+        name=name,
+        spec=spec,
+        settings=settings,
+        runtime=ModelRuntime(loaded),
+        store=ArtifactStore(Path(settings.artifact_dir)),
+        model_id=-1,
     )
     state.model_id = startup.register_model(state)
     startup.stats_cache(state)  # keyed by the base weights' fingerprint: take it before syncing
-    if settings.warm_statistics:
-        startup.warm_statistics(state)  # on the base weights, before syncing to the head
-        startup.warm_editors(state)
-    startup.sync_to_head(state)
     return state
 
 
-def main(name: str, *, burst: bool = False) -> None:
-    """Entry point of ``memedit worker``."""
+def startup_steps(state: WorkerState) -> Steps[int]:
+    """The rest of start-up after :func:`load_state`, in steps: the statistics and
+    editor caches on the base weights (``warm_statistics``), then the sync to the
+    ledger's head. Returns the head version."""
+    from workers import startup  # noqa: PLC0415
+
+    if state.settings.warm_statistics:
+        yield from startup.warm_steps(state)  # on the base weights, before syncing
+    return startup.sync_to_head(state)
+
+
+def build_state(name: str, settings: Settings | None = None) -> WorkerState:
+    """Load the model, register it, warm its caches and sync it to the ledger's head,
+    all before returning (tests and tools; ``memedit worker`` does it in its loop)."""
+    state = load_state(name, settings)
+    run_steps(startup_steps(state))
+    return state
+
+
+class StartingWorker(SimpleWorker):
+    """rq's SimpleWorker that finishes the worker's start-up inside its loop.
+
+    Until ``startup`` (a step generator) is exhausted, each dequeue first answers a
+    job waiting on ``read_queue`` when ``reads_ok``, else runs the next start-up
+    step; the other queues are not looked at. Then it is a plain SimpleWorker. A
+    start-up step that raises stops the worker; :attr:`startup_error` keeps it.
+    """
+
+    def __init__(
+        self,
+        queues: Sequence[Queue],
+        *,
+        startup: Steps[Any],
+        read_queue: Queue,
+        reads_ok: bool,
+        presence: Presence | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(list(queues), **kwargs)
+        self._startup: Steps[Any] | None = startup
+        self._read_queue = read_queue
+        self._reads_ok = reads_ok
+        self._presence = presence
+        self.startup_error: BaseException | None = None
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> Any:
+        while self._startup is not None:
+            if self._reads_ok:
+                found = self._dequeue_read()
+                if found is not None:
+                    return found
+            self._step()
+        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+
+    def _dequeue_read(self) -> Any:
+        """A job of the read queue if one waits (no blocking), through rq's own
+        dequeue so that the worker's bookkeeping stays rq's."""
+        queues, self._ordered_queues = self._ordered_queues, [self._read_queue]
+        try:
+            return super().dequeue_job_and_maintain_ttl(None)
+        finally:
+            self._ordered_queues = queues
+
+    def _step(self) -> None:
+        steps = self._startup
+        if steps is None:
+            return
+        try:
+            fraction, message = next(steps)
+        except StopIteration:
+            self._startup = None
+            if self._presence is not None:
+                self._presence.set(Phase.ready)
+            log.info("worker %s: start-up done", self.name)
+            return
+        except BaseException as exc:
+            self._startup = None
+            self.startup_error = exc
+            log.error("worker %s: start-up failed", self.name, exc_info=exc)
+            raise StopRequested() from exc
+        self.heartbeat()
+        if self._presence is not None:
+            self._presence.set(Phase.statistics, progress=fraction, message=message)
+
+
+def worker_name(model: str) -> str:
+    return f"memedit-{model}-{socket.gethostname()}-{os.getpid()}"
+
+
+def main(name: str, *, burst: bool = False, presence: Presence | None = None) -> None:
+    """Entry point of ``memedit worker``. ``presence``: the record the CLI published
+    before importing this module (one is made here otherwise)."""
     from workers import startup  # noqa: PLC0415
 
     settings = get_settings()
-    state = build_state(name, settings)
-    set_state(state)
-    conn = Redis.from_url(settings.redis_url)
-    queues = [
-        Queue(settings.read_queue(name), connection=conn),
-        Queue(settings.edit_queue(name), connection=conn),
-        Queue(settings.eval_queue(name), connection=conn),
-    ]
-    startup.requeue_unfinished(state, queues[1])
-    worker = SimpleWorker(
-        queues, connection=conn, name=f"memedit-{name}-{socket.gethostname()}-{os.getpid()}"
-    )
-    log.info("worker for %s ready at version %s", name, state.runtime.current_version)
+    own_presence = presence is None
+    if presence is None:
+        presence = Presence(
+            command_client(settings.redis_url), settings.queue_prefix, name, worker_name(name)
+        )
+        presence.set(Phase.loading, message="loading the model")
+        presence.start()
     try:
+        state = load_state(name, settings)
+        set_state(state)
+        presence.version = lambda: state.runtime.current_version
+        presence.set(Phase.loading, message="registered; preparing")
+        # reads between start-up steps see the head only if the weights are it already
+        reads_ok = state.runtime.current_version == startup.ledger_head(state)
+        conn: Redis = worker_client(settings.redis_url)
+        queues = [
+            Queue(settings.read_queue(name), connection=conn),
+            Queue(settings.edit_queue(name), connection=conn),
+            Queue(settings.eval_queue(name), connection=conn),
+        ]
+
+        def steps() -> Steps[None]:
+            head = yield from startup_steps(state)
+            startup.requeue_unfinished(state, queues[1])
+            log.info("worker for %s ready at version %s", name, head)
+
+        worker = StartingWorker(
+            queues,
+            startup=steps(),
+            read_queue=queues[0],
+            reads_ok=reads_ok,
+            presence=presence,
+            connection=conn,
+            name=presence.name,
+            worker_ttl=WORKER_TTL_S,
+        )
         worker.work(burst=burst, logging_level=logging.getLevelName(log.getEffectiveLevel()))
+        if worker.startup_error is not None:
+            raise RuntimeError(f"the worker for {name} could not start") from worker.startup_error
     finally:
         set_state(None)
+        if own_presence:
+            presence.stop()

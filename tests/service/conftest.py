@@ -10,6 +10,8 @@ from redis import Redis
 from sqlalchemy import Engine
 
 from service.api import create_app
+from service.presence import Phase, Presence
+from service.redis_clients import command_client
 from service.settings import ModelSpec, Settings
 
 MODEL = "smollm2-135m"
@@ -60,3 +62,13 @@ def edit_body(**overrides: object) -> dict[str, object]:
     body: dict[str, object] = {"method": "rome", "requests": [edit_request()]}
     body.update(overrides)
     return body
+
+
+def announce(settings: Settings, model: str, phase: Phase = Phase.ready, **kw: object) -> Presence:
+    """Publish a worker record for ``model`` as a worker process does (no heartbeat
+    thread; the record lives for a minute, and the test's Redis is flushed after it)."""
+    presence = Presence(
+        command_client(settings.redis_url), settings.queue_prefix, model, f"test-{model}", ttl_s=60
+    )
+    presence.set(phase, **kw)  # type: ignore[arg-type]
+    return presence

@@ -3,6 +3,7 @@ real rq SimpleWorker in the read-path tests (no model, no torch)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 VERSION = 7
@@ -21,3 +22,8 @@ def generate(model: str, prompt: str, max_new_tokens: int) -> dict[str, Any]:
 
 def fail(model: str, **kwargs: Any) -> dict[str, Any]:
     raise RuntimeError(f"this worker serves another model, not {model!r}")
+
+
+def busy(seconds: float) -> None:
+    """Work that keeps the worker busy (an edit, a statistics step)."""
+    time.sleep(seconds)

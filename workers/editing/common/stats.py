@@ -30,9 +30,10 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -46,6 +47,9 @@ from workers.models.profiles import profile_for
 log = logging.getLogger(__name__)
 
 Progress = Callable[[float, str], None]
+T = TypeVar("T")
+# a computation in steps: yields (fraction done, message) after each step, returns T
+Steps = Generator[tuple[float, str], None, T]
 SELF_BATCH = 64  # sequences sampled at once (KV cache); measured in docs/editing.md
 TEXT_BATCH = 32
 
@@ -148,7 +152,6 @@ def _start_token(tok: PreTrainedTokenizerBase) -> int:
     raise StatsError("the tokenizer has no start token to sample from")
 
 
-@torch.no_grad()
 def _collect_self(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -156,16 +159,16 @@ def _collect_self(
     n_samples: int,
     sample_tokens: int,
     seed: int,
-    progress: Progress,
     batch_size: int = SELF_BATCH,
-) -> tuple[dict[str, torch.Tensor], int]:
+) -> Steps[tuple[dict[str, torch.Tensor], int]]:
     acc = _Accumulator(modules)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     start = _start_token(tok)
     done = 0
-    with forward_hooks(model, record_inputs=modules) as seen:
-        while done < n_samples:
-            b = min(batch_size, n_samples - done)
+    while done < n_samples:
+        b = min(batch_size, n_samples - done)
+        # hooks only while a batch runs: between steps the model is the caller's
+        with torch.no_grad(), forward_hooks(model, record_inputs=modules) as seen:
 
             def on_step(i: int, b: int = b) -> None:
                 # the hooks of forward i have fired by the time forward i + 1 starts
@@ -177,8 +180,8 @@ def _collect_self(
                    on_step=on_step)  # fmt: skip
             acc.collect(seen)
             acc.mask = None
-            done += b
-            progress(done / n_samples, f"sampled {done}/{n_samples} sequences")
+        done += b
+        yield done / n_samples, f"sampled {done}/{n_samples} sequences"
     return acc.moments(), acc.count
 
 
@@ -208,7 +211,6 @@ def _iter_texts(spec: CorpusSpec) -> Iterator[str]:
     raise StatsError(f"not a text corpus: {spec}")
 
 
-@torch.no_grad()
 def _collect_text(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
@@ -217,8 +219,7 @@ def _collect_text(
     spec: CorpusSpec,
     n_samples: int,
     sample_tokens: int,
-    progress: Progress,
-) -> tuple[dict[str, torch.Tensor], int]:
+) -> Steps[tuple[dict[str, torch.Tensor], int]]:
     acc = _Accumulator(modules)
     device = next(model.parameters()).device
     pending: list[list[int]] = []
@@ -229,7 +230,10 @@ def _collect_text(
         mask = batch.attention_mask.bool()
         mask[:, 0] = False
         acc.mask = mask
-        with forward_hooks(model, record_inputs=modules, stop_after=stop_after) as seen:
+        with (
+            torch.no_grad(),
+            forward_hooks(model, record_inputs=modules, stop_after=stop_after) as seen,
+        ):
             run_forward(model.base_model, input_ids=batch.input_ids,
                         attention_mask=batch.attention_mask, use_cache=False)  # fmt: skip
             acc.collect(seen)
@@ -243,15 +247,61 @@ def _collect_text(
         done += 1
         if len(pending) == TEXT_BATCH:
             flush()
-            progress(done / n_samples, f"read {done}/{n_samples} texts")
+            yield min(1.0, done / n_samples), f"read {done}/{n_samples} texts"
         if done >= n_samples:
             break
     if pending:
         flush()
     if done < n_samples:
         log.warning("corpus %s gave %d texts, fewer than %d", spec, done, n_samples)
-    progress(1.0, f"read {done} texts")
+    yield 1.0, f"read {done} texts"
     return acc.moments(), acc.count
+
+
+def second_moment_steps(
+    model: PreTrainedModel,
+    tok: PreTrainedTokenizerBase,
+    params: Sequence[str],
+    corpus: str,
+    n_samples: int,
+    sample_tokens: int,
+    *,
+    seed: int = 0,
+) -> Steps[tuple[dict[str, torch.Tensor], int]]:
+    """:func:`compute_second_moments` one batch at a time: a generator that yields
+    ``(fraction, message)`` after each batch and returns the moments and the key
+    count. No hook stays on the model between steps, so the caller may use the
+    model in between (a worker answers reads there); the result does not depend
+    on it as long as the weights are left as they were."""
+    profile = profile_for(model)
+    modules = [p.removesuffix(".weight") for p in params]
+    layers = [profile.layer_of_param(p) for p in params]
+    if any(layer is None for layer in layers):
+        raise StatsError(f"not all of {list(params)} are layer parameters")
+    for m in modules:
+        get_module(model, m)  # fail early on a wrong name
+    spec = parse_corpus(corpus)
+    if spec.kind == "self":
+        moments, count = yield from _collect_self(
+            model, tok, modules, n_samples, sample_tokens, seed
+        )
+    else:
+        deepest = modules[layers.index(max(layers))]
+        moments, count = yield from _collect_text(
+            model, tok, modules, deepest, spec, n_samples, sample_tokens
+        )
+    return {p: moments[m] for p, m in zip(params, modules, strict=True)}, count
+
+
+def run_steps(steps: Steps[T], progress: Progress | None = None) -> T:
+    """Run a step generator to its end, reporting each step to ``progress``."""
+    while True:
+        try:
+            fraction, message = next(steps)
+        except StopIteration as done:
+            return done.value
+        if progress is not None:
+            progress(fraction, message)
 
 
 def compute_second_moments(
@@ -267,25 +317,8 @@ def compute_second_moments(
 ) -> tuple[dict[str, torch.Tensor], int]:
     """E[k kᵀ] [d_in, d_in] fp32 for each ``params`` (MLP output projection weights),
     in one pass over the corpus; also the number of keys used."""
-    progress = progress or (lambda fraction, message: None)
-    profile = profile_for(model)
-    modules = [p.removesuffix(".weight") for p in params]
-    layers = [profile.layer_of_param(p) for p in params]
-    if any(layer is None for layer in layers):
-        raise StatsError(f"not all of {list(params)} are layer parameters")
-    for m in modules:
-        get_module(model, m)  # fail early on a wrong name
-    spec = parse_corpus(corpus)
-    if spec.kind == "self":
-        moments, count = _collect_self(
-            model, tok, modules, n_samples, sample_tokens, seed, progress
-        )
-    else:
-        deepest = modules[layers.index(max(layers))]
-        moments, count = _collect_text(
-            model, tok, modules, deepest, spec, n_samples, sample_tokens, progress
-        )
-    return {p: moments[m] for p, m in zip(params, modules, strict=True)}, count
+    steps = second_moment_steps(model, tok, params, corpus, n_samples, sample_tokens, seed=seed)
+    return run_steps(steps, progress)
 
 
 # -- cache ----------------------------------------------------------------------------------
@@ -319,7 +352,21 @@ class StatsCache:
     ) -> dict[str, torch.Tensor]:
         """C for each parameter: from memory, from disk, or computed in one pass
         for all the missing ones and written atomically."""
-        progress = progress or (lambda fraction, message: None)
+        steps = self.steps(model, tok, params, corpus, n_samples, sample_tokens, seed=seed)
+        return run_steps(steps, progress)
+
+    def steps(
+        self,
+        model: PreTrainedModel,
+        tok: PreTrainedTokenizerBase,
+        params: Sequence[str],
+        corpus: str,
+        n_samples: int,
+        sample_tokens: int,
+        *,
+        seed: int = 0,
+    ) -> Steps[dict[str, torch.Tensor]]:
+        """:meth:`get_or_compute` as a step generator (see :func:`second_moment_steps`)."""
         out: dict[str, torch.Tensor] = {}
         missing: list[str] = []
         for p in params:
@@ -332,10 +379,9 @@ class StatsCache:
                 missing.append(p)
         if missing:
             started = time.perf_counter()
-            moments, count = compute_second_moments(
-                model, tok, missing, corpus, n_samples, sample_tokens, seed=seed,
-                progress=progress,
-            )  # fmt: skip
+            moments, count = yield from second_moment_steps(
+                model, tok, missing, corpus, n_samples, sample_tokens, seed=seed
+            )
             seconds = time.perf_counter() - started
             log.info("statistics of %d layers from %d keys in %.1fs", len(missing), count, seconds)
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -352,7 +398,7 @@ class StatsCache:
                 }
                 _save_atomically({"mom2": c.contiguous()}, meta, path)
                 self._memory[path] = out[p] = c
-        progress(1.0, "statistics ready")
+        yield 1.0, "statistics ready"
         return {p: out[p] for p in params}
 
 

@@ -121,7 +121,7 @@ class _SplitRun:
                     position_ids=pre_pos.to(device),
                     use_cache=True,
                 )
-            self.cache = out.past_key_values
+            self.cache = out.cache
         if self.replay:
             last = self.replay[-1]
             with (  # structure hooks first: the stop hook on ``last`` raises
@@ -186,7 +186,7 @@ class _SplitRun:
             "input_ids": self.suffix_ids,
             "attention_mask": self.full_mask,
             "position_ids": self.suffix_pos,
-            "past_key_values": copy.deepcopy(self.cache) if self.cache is not None else None,
+            "cache": copy.deepcopy(self.cache) if self.cache is not None else None,
             "use_cache": self.cache is not None,
         }
 
