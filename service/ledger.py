@@ -26,7 +26,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import ValidationError
 from sqlalchemy import func, select, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from service.errors import InvalidInput, NotFound
 from service.evaluations import EvaluationPolicy, check_suite_params
@@ -239,8 +239,8 @@ def create_rollback_job(session: Session, model_name: str, to_version: int) -> J
     return job
 
 
-def get_job(session: Session, job_id: str) -> tuple[Job, str]:
-    """The job and its model's name; :class:`NotFound` (``job_id``) if there is none.
+def get_job(session: Session, job_id: str) -> Job:
+    """The job (its ``model`` loaded); :class:`NotFound` (``job_id``) if there is none.
 
     A string that is not a job id (a UUID) is simply not found.
     """
@@ -248,12 +248,10 @@ def get_job(session: Session, job_id: str) -> tuple[Job, str]:
         key = str(uuid.UUID(job_id))
     except ValueError:
         raise NotFound("job_id", f"unknown job {job_id!r}") from None
-    row = session.execute(
-        select(Job, Model.name).join(Model, Model.id == Job.model_id).where(Job.id == key)
-    ).first()
-    if row is None:
+    job = session.scalar(select(Job).options(joinedload(Job.model)).where(Job.id == key))
+    if job is None:
         raise NotFound("job_id", f"unknown job {job_id!r}")
-    return row[0], row[1]
+    return job
 
 
 # -- listings -------------------------------------------------------------------------
@@ -556,20 +554,20 @@ def list_guard_decisions(
     accepted: bool | None = None,
     limit: int = 50,
     cursor: str | None = None,
-) -> Page[tuple[GuardDecision, int | None]]:
+) -> Page[GuardDecision]:
     """A page of the guard's decisions on the model's updates, oldest first, each with
-    the number of the version that committed it (None when rejected)."""
+    the version that committed it loaded (None when rejected)."""
     model = get_model(session, model_name)
     _check_limit(limit)
     after = _decode_cursor(cursor, "guard_decisions")
     query = (
-        select(GuardDecision, Version.number)
-        .outerjoin(Version, Version.id == GuardDecision.version_id)
+        select(GuardDecision)
+        .options(selectinload(GuardDecision.version))
         .where(GuardDecision.model_id == model.id)
     )
     if accepted is not None:
         query = query.where(GuardDecision.accepted.is_(accepted))
     if after is not None:
         query = query.where(GuardDecision.id > after)
-    rows = [tuple(r) for r in session.execute(query.order_by(GuardDecision.id).limit(limit + 1))]
-    return _page(rows, limit, "guard_decisions", lambda r: r[0].id)
+    rows = list(session.scalars(query.order_by(GuardDecision.id).limit(limit + 1)))
+    return _page(rows, limit, "guard_decisions", lambda r: r.id)

@@ -130,6 +130,7 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     edits: Mapped[list[Edit]] = relationship(back_populates="job", order_by="Edit.position")
+    model: Mapped[Model] = relationship(viewonly=True)
 
 
 class Edit(Base):
@@ -285,3 +286,5 @@ class GuardDecision(Base):
     # seconds the guard added to the edit (canary measurements and the decision)
     seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+    version: Mapped[Version | None] = relationship(viewonly=True)

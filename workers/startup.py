@@ -25,6 +25,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session
 
+from service import VERSION
 from service.db import get_engine, session_scope
 from service.hparams import METHODS, defaults_for, with_overrides
 from service.models import (
@@ -48,7 +49,7 @@ from workers.worker import WorkerState
 
 log = logging.getLogger(__name__)
 
-CODE_VERSION = "0.1.0"
+CODE_VERSION = VERSION  # recorded in every version row (info.code_version)
 
 
 def _engine(state: WorkerState):  # noqa: ANN202

@@ -159,8 +159,8 @@ def test_rollback_checks_the_version_of_the_right_model(synced: Session) -> None
 def test_get_job(synced: Session) -> None:
     job = ledger.create_edit_job(synced, OTHER, "rome", None, [edit_request()])
     synced.commit()
-    found, model_name = ledger.get_job(synced, job.id)
-    assert (found.id, model_name) == (job.id, OTHER)
+    found = ledger.get_job(synced, job.id)
+    assert (found.id, found.model.name) == (job.id, OTHER)
     for bad in (str(uuid.uuid4()), "not-a-uuid", "", "1; DROP TABLE jobs"):
         with pytest.raises(NotFound) as err:
             ledger.get_job(synced, bad)

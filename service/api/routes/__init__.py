@@ -1,0 +1,13 @@
+"""One router per resource; :mod:`service.api.main` includes them all."""
+
+from service.api.routes import edits, evaluations, health, jobs, models, reads, versions
+
+ROUTERS = [
+    health.router,
+    models.router,
+    edits.router,
+    jobs.router,
+    versions.router,
+    evaluations.router,
+    reads.router,
+]

@@ -1,0 +1,69 @@
+"""Edits: submit fact corrections (a job), list the model's edits."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from fastapi import status as http
+
+from service import ledger, queue
+from service.api.deps import (
+    ERRORS,
+    Cursor,
+    Limit,
+    RedisDep,
+    SessionDep,
+    SettingsDep,
+    worker_of,
+)
+from service.models import EditStatus
+from service.schemas import EditCreate, EditJobCreated, EditPublic, EditsPublic
+
+router = APIRouter(tags=["edits"])
+
+
+@router.post("/v1/models/{model}/edits", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
+def create_edits(
+    model: str,
+    body: EditCreate,
+    session: SessionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    response: Response,
+) -> EditJobCreated:
+    """Queue one job applying ``requests`` with ``method`` (ROME: one version per
+    request, in order; MEMIT: batches of at most the model's ``max_batch`` requests,
+    one version each, possibly shared with other jobs' requests unless ``batching``
+    is ``alone``). Poll ``/v1/jobs/{job_id}``."""
+    job = ledger.create_edit_job(
+        session,
+        model,
+        body.method,
+        body.hparams,
+        body.requests,
+        max_requests=settings.max_requests_per_edit,
+        batching=body.batching,
+    )
+    created = EditJobCreated(
+        job_id=job.id, edit_ids=[e.id for e in job.edits], worker=worker_of(redis, settings, model)
+    )
+    session.commit()  # the ledger row exists before the queue hears of it
+    queue.enqueue_job(redis, settings, model, job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return created
+
+
+@router.get("/v1/models/{model}/edits", responses=ERRORS)
+def list_edits(
+    model: str,
+    session: SessionDep,
+    status: Annotated[EditStatus | None, Query(description="only edits in this status")] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> EditsPublic:
+    """The model's edits, oldest first, ``limit`` per page."""
+    page = ledger.list_edits(session, model, status=status, limit=limit, cursor=cursor)
+    return EditsPublic(
+        items=[EditPublic.model_validate(e) for e in page.items], next_cursor=page.next_cursor
+    )

@@ -1,0 +1,104 @@
+"""Evaluations: run a suite on a version (a job), read the runs and the alerts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from fastapi import status as http
+
+from service import ledger, queue
+from service.api.deps import (
+    ERRORS,
+    Cursor,
+    Limit,
+    RedisDep,
+    SessionDep,
+    SettingsDep,
+    worker_of,
+)
+from service.evaluations import SuiteName
+from service.models import Evaluation
+from service.schemas import (
+    EvaluationCreate,
+    EvaluationJobCreated,
+    EvaluationPublic,
+    EvaluationsPublic,
+)
+
+router = APIRouter(tags=["evaluations"])
+
+
+@router.post("/v1/models/{model}/evaluations", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
+def create_evaluation(
+    model: str,
+    body: EvaluationCreate,
+    session: SessionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    response: Response,
+) -> EvaluationJobCreated:
+    """Queue a job running ``suite`` on ``version`` (default: the head now). The
+    result is stored against that version; poll ``/v1/jobs/{job_id}`` or list the
+    model's evaluations."""
+    job, evaluation = ledger.create_evaluation_job(
+        session, model, body.suite, body.version, body.params
+    )
+    created = EvaluationJobCreated(
+        job_id=job.id,
+        evaluation_id=evaluation.id,
+        version=evaluation.version,
+        worker=worker_of(redis, settings, model),
+    )
+    session.commit()
+    queue.enqueue_evaluation(redis, settings, model, job.id)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return created
+
+
+@router.get("/v1/models/{model}/evaluations", responses=ERRORS)
+def list_evaluations(
+    model: str,
+    session: SessionDep,
+    suite: Annotated[SuiteName | None, Query(description="only this suite")] = None,
+    version: Annotated[int | None, Query(ge=0, description="only this version")] = None,
+    details: Annotated[bool, Query(description="include each run's details")] = False,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> EvaluationsPublic:
+    """The model's evaluations as a time series: by version, then in the order asked."""
+    page = ledger.list_evaluations(
+        session, model, suite, version=version, limit=limit, cursor=cursor
+    )
+    return EvaluationsPublic(
+        items=[_public(e, details) for e in page.items], next_cursor=page.next_cursor
+    )
+
+
+@router.get("/v1/models/{model}/evaluations/{evaluation_id}", responses=ERRORS)
+def get_evaluation(model: str, evaluation_id: int, session: SessionDep) -> EvaluationPublic:
+    """One evaluation with its details."""
+    return _public(ledger.get_evaluation(session, model, evaluation_id), True)
+
+
+@router.get("/v1/models/{model}/alerts", responses=ERRORS)
+def list_alerts(
+    model: str,
+    session: SessionDep,
+    suite: Annotated[SuiteName | None, Query(description="only this suite")] = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+) -> EvaluationsPublic:
+    """The evaluations that raised an alert (a threshold breached, or a thresholded
+    metric missing), by version; ``alert`` says what was done about it."""
+    page = ledger.list_evaluations(
+        session, model, suite, alerts_only=True, limit=limit, cursor=cursor
+    )
+    return EvaluationsPublic(
+        items=[_public(e, False) for e in page.items], next_cursor=page.next_cursor
+    )
+
+
+def _public(row: Evaluation, details: bool) -> EvaluationPublic:
+    public = EvaluationPublic.model_validate(row)
+    return public if details else public.model_copy(update={"details": None})

@@ -1,0 +1,50 @@
+"""Models: the configured models with their head version and worker, and their
+evaluation policy."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from redis import Redis
+
+from service import ledger
+from service.api.deps import ERRORS, RedisDep, SessionDep, SettingsDep, worker_of
+from service.models import Model
+from service.schemas import ModelPublic, PolicyUpdate
+from service.settings import Settings
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/v1/models")
+def list_models(session: SessionDep, redis: RedisDep, settings: SettingsDep) -> list[ModelPublic]:
+    """The configured models, their head version and what their worker is doing
+    (``worker.state``: ``loading``, ``statistics`` with ``progress``, ``ready`` or
+    ``no worker``)."""
+    return [_public(m, head, redis, settings) for m, head in ledger.list_models(session)]
+
+
+@router.put("/v1/models/{model}/policy", responses=ERRORS)
+def set_policy(
+    model: str, body: PolicyUpdate, session: SessionDep, redis: RedisDep, settings: SettingsDep
+) -> ModelPublic:
+    """Replace the model's evaluation policy: suites run after every version whose
+    number is a multiple of ``every_versions``, compared with ``thresholds``; a
+    breach raises an alert and, with ``action: rollback``, queues a rollback to the
+    last healthy version. Applies to versions committed from now on."""
+    row = ledger.set_evaluation_policy(session, model, body.evaluations)
+    public = _public(row, ledger.head_version_number(session, row.id), redis, settings)
+    session.commit()
+    return public
+
+
+def _public(row: Model, head: int | None, redis: Redis, settings: Settings) -> ModelPublic:
+    return ModelPublic.model_validate(
+        {
+            "name": row.name,
+            "source": row.source,
+            "architecture": row.architecture,
+            "head_version": head,
+            "policy": row.policy,
+            "worker": worker_of(redis, settings, row.name),
+        }
+    )

@@ -1,0 +1,31 @@
+"""Jobs: what the queue runs (edits, rollbacks, evaluations)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import Field
+
+from service.models import JobKind, JobStatus
+from service.schemas.common import Fraction, ModelName, Public
+from service.schemas.workers import WorkerPublic
+
+
+class JobCreated(Public):
+    job_id: str
+    worker: WorkerPublic = Field(description="the model's worker now: the job waits for it")
+
+
+class JobPublic(Public):
+    id: str
+    kind: JobKind
+    model: ModelName
+    status: JobStatus
+    progress: Fraction = Field(ge=0, le=1)
+    message: str | None
+    error: str | None
+    result: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
