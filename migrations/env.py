@@ -3,7 +3,7 @@
 The URL comes from ``config.attributes["database_url"]`` when a caller passes one
 (:func:`service.migrate.upgrade_to_head`), else from
 ``service.settings.get_settings().database_url``. The target metadata is the ORM's
-(:mod:`service.models`), so ``alembic check`` compares the schema against it.
+(:mod:`service.ledger.tables`), so ``alembic check`` compares the schema against it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import Connection, create_engine, pool, text
 
-from service.models import Base
+from service.ledger.tables import Base
 from service.settings import get_settings
 
 config = context.config

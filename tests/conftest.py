@@ -30,7 +30,7 @@ from redis import Redis
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import db
+from service.ledger import sessions as db
 from service.settings import Settings, get_settings
 
 DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/memedit_test"
@@ -161,7 +161,7 @@ def settings(
 ) -> Iterator[Settings]:
     """Settings bound to the test database and Redis (also what ``get_settings()`` returns).
 
-    Engines that code under test made with ``service.db.get_engine`` are disposed
+    Engines that code under test made with ``service.ledger.sessions.get_engine`` are disposed
     afterwards, so no pooled connection outlives the test.
     """
     for name in ("DATABASE_URL", "REDIS_URL"):

@@ -35,7 +35,7 @@ from sqlalchemy import ColumnElement, and_, false, func, not_, or_, select, type
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
-from service.models import Edit, EditStatus, Job, JobKind, JobStatus
+from service.ledger.tables import Edit, EditStatus, Job, JobKind, JobStatus
 
 T = TypeVar("T")
 

@@ -40,10 +40,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from service import ledger, queue
-from service.db import session_scope
 from service.errors import Unavailable
 from service.evaluations import breaches, resolve_data_path
-from service.models import Edit, Evaluation, Job, JobKind, JobStatus, Model, Version
+from service.ledger.sessions import session_scope
+from service.ledger.tables import Edit, Evaluation, Job, JobKind, JobStatus, Model, Version
 from service.redis_clients import command_client
 from workers import jobs, startup
 from workers.evaluation.suites import load_suite

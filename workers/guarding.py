@@ -27,8 +27,8 @@ from typing import Any
 
 from sqlalchemy import String, cast, func, select
 
-from service.db import get_engine, session_scope
-from service.models import Edit, EditStatus, GuardDecision, Job, Version, VersionKind
+from service.ledger.sessions import get_engine, session_scope
+from service.ledger.tables import Edit, EditStatus, GuardDecision, Job, Version, VersionKind
 from workers.batching import subject_key
 from workers.editing.types import EditRequest
 from workers.evaluation import canary

@@ -28,8 +28,8 @@ from rq.timeouts import JobTimeoutException
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from service.db import get_engine, session_scope
-from service.models import (
+from service.ledger.sessions import get_engine, session_scope
+from service.ledger.tables import (
     Artifact,
     ArtifactKind,
     Edit,

@@ -26,9 +26,9 @@ from sqlalchemy.exc import IntegrityError as DbIntegrityError
 from sqlalchemy.orm import Session
 
 from service import VERSION
-from service.db import get_engine, session_scope
 from service.hparams import METHODS, defaults_for, with_overrides
-from service.models import (
+from service.ledger.sessions import get_engine, session_scope
+from service.ledger.tables import (
     Artifact,
     Evaluation,
     Job,

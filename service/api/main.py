@@ -21,21 +21,18 @@ from fastapi import status as http
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
-from sqlalchemy import create_engine
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import VERSION, ledger, queue
 from service.api.routes import ROUTERS
 from service.errors import ServiceError, WorkerUnavailable
+from service.ledger.sessions import create_ledger_engine, session_factory
 from service.redis_clients import blocking_client, command_client
 from service.schemas import ErrorItem, ErrorPublic, WorkerPublic
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-_CONNECT_TIMEOUT_S = 5
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -50,12 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_engine(
-            settings.database_url,
-            pool_pre_ping=True,
-            connect_args={"connect_timeout": _CONNECT_TIMEOUT_S},
-        )
-        sessions = sessionmaker(bind=engine, expire_on_commit=False)
+        engine = create_ledger_engine(settings.database_url)
+        sessions = session_factory(engine)
         redis = command_client(settings.redis_url)
         reads_redis = blocking_client(settings.redis_url, queue.read_wait_s(settings))
         try:

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import Field
 
 from service.evaluations import SuiteName
-from service.models import JobStatus
+from service.ledger.tables import JobStatus
 from service.schemas.common import FloatDict, Input, JsonDict, Public
 from service.schemas.workers import WorkerPublic
 

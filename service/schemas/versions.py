@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import AliasChoices, Field
 
-from service.models import VersionKind
+from service.ledger.tables import VersionKind
 from service.schemas.common import (
     FiniteOrNone,
     FloatDict,

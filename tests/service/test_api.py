@@ -14,7 +14,7 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from service.api import create_app
-from service.models import Edit, EditStatus, Job, JobStatus, Version
+from service.ledger.tables import Edit, EditStatus, Job, JobStatus, Version
 from service.settings import GuardPolicy, Settings
 
 from .conftest import MODEL, OTHER, edit_body, edit_request

@@ -22,7 +22,7 @@ from service.evaluations import (
     check_suite_params,
     resolve_data_path,
 )
-from service.models import Evaluation, Job, JobKind, JobStatus, Model
+from service.ledger.tables import Evaluation, Job, JobKind, JobStatus, Model
 from service.settings import ModelSpec, Settings
 
 from .conftest import MODEL, OTHER

@@ -10,7 +10,16 @@ from sqlalchemy.orm import Session
 
 from service import ledger
 from service.errors import InvalidInput, NotFound
-from service.models import Edit, EditStatus, Job, JobKind, JobStatus, Model, Version, VersionKind
+from service.ledger.tables import (
+    Edit,
+    EditStatus,
+    Job,
+    JobKind,
+    JobStatus,
+    Model,
+    Version,
+    VersionKind,
+)
 from service.settings import GuardPolicy, Settings
 
 from .conftest import MODEL, OTHER, edit_request

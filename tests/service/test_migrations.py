@@ -12,8 +12,8 @@ import pytest
 from alembic import command
 from sqlalchemy import create_engine, inspect, make_url, text
 
+from service.ledger.tables import Base
 from service.migrate import ALEMBIC_INI, alembic_config, check, upgrade_to_head
-from service.models import Base
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import ledger
-from service.models import Job, JobStatus
+from service.ledger.tables import Job, JobStatus
 from service.settings import ModelSpec, Settings
 from workers.batching import batch_size, claim_jobs, next_batch, pending_edits, plan_batches
 from workers.batching import subject_key as key

@@ -19,8 +19,8 @@ from redis import Redis
 from sqlalchemy import Engine, select
 
 from service.api import create_app
-from service.db import session_scope
-from service.models import GuardDecision, Version
+from service.ledger.sessions import session_scope
+from service.ledger.tables import GuardDecision, Version
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer

@@ -20,9 +20,9 @@ from rq import Queue
 from sqlalchemy import Engine, select
 
 from service.api import create_app
-from service.db import session_scope
 from service.hparams import hparams_class
-from service.models import Artifact, Version
+from service.ledger.sessions import session_scope
+from service.ledger.tables import Artifact, Version
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer

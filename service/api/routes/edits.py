@@ -17,7 +17,7 @@ from service.api.deps import (
     SettingsDep,
     worker_of,
 )
-from service.models import EditStatus
+from service.ledger.tables import EditStatus
 from service.schemas import EditCreate, EditJobCreated, EditPublic, EditsPublic
 
 router = APIRouter(tags=["edits"])

@@ -18,7 +18,7 @@ from service.api.deps import (
     worker_of,
 )
 from service.evaluations import SuiteName
-from service.models import Evaluation
+from service.ledger.tables import Evaluation
 from service.schemas import (
     EvaluationCreate,
     EvaluationJobCreated,

@@ -8,7 +8,7 @@ from redis import Redis
 
 from service import ledger
 from service.api.deps import ERRORS, RedisDep, SessionDep, SettingsDep, worker_of
-from service.models import Model
+from service.ledger.tables import Model
 from service.schemas import ModelPublic, PolicyUpdate
 from service.settings import Settings
 

@@ -1,4 +1,11 @@
-"""Engine and session factory for the ledger (SQLAlchemy 2, psycopg 3)."""
+"""Engines and sessions of the ledger (SQLAlchemy 2, psycopg 3): one way to make each.
+
+- :func:`create_ledger_engine`: an engine with the ledger's connection settings
+  (pings a pooled connection before use; gives up connecting after
+  :data:`CONNECT_TIMEOUT_S`). The API makes its own in its lifespan.
+- :func:`get_engine`: one shared engine per URL for a process (the workers).
+- :func:`session_scope`: a session whose transaction commits on success.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +18,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.settings import get_settings
 
+CONNECT_TIMEOUT_S = 5
+
+
+def create_ledger_engine(url: str) -> Engine:
+    return create_engine(
+        url, pool_pre_ping=True, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
+    )
+
 
 @lru_cache
 def get_engine(url: str | None = None) -> Engine:
-    return create_engine(url or get_settings().database_url, pool_pre_ping=True)
+    return create_ledger_engine(url or get_settings().database_url)
 
 
 def session_factory(engine: Engine | None = None) -> sessionmaker[Session]:
