@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import torch
 
 from service.hparams import defaults_for, with_overrides
+from workers import pipeline
 from workers.artifacts import ArtifactStore
 from workers.editing.common.base import EditError
 from workers.editing.common.stats import StatsCache, stats_provider
@@ -337,7 +338,7 @@ def run_sequential(
     for key in ("cut_reason", "error"):
         log.pop(key, None)
 
-    runtime = ModelRuntime(model)
+    runtime = ModelRuntime(model, tok)
     provider = None
     if hasattr(hp, "mom2_dataset"):
         if stats_cache is None:
@@ -368,7 +369,7 @@ def run_sequential(
     # warm-up (context templates and anything else an editor caches per model): one
     # request, delta discarded, so that the first batch is timed like the others
     t0 = time.perf_counter()
-    editor.compute_delta(model, tok, [request_of(records[0])], hp, context())
+    pipeline.compute(runtime, editor, hp, [request_of(records[0])], context())
     setup["warmup_s"] = round(time.perf_counter() - t0, 3)
     if provider is not None:  # which statistics: they are computed anew on each machine
         setup["stats_sha256"] = {p: tensor_sha256(provider(p))[:16] for p in params}
@@ -387,7 +388,7 @@ def run_sequential(
         for bi in range(done, len(batches)):
             batch = batches[bi]
             entry = _apply_batch(
-                runtime, editor, model, tok, hp, batch, per_delta, context,
+                runtime, editor, hp, batch, per_delta, context,
                 guard=guard, enforce=guard_enforce, applied=[by_case[c] for c in applied],
                 log=log,
             )  # fmt: skip
@@ -453,11 +454,59 @@ def run_sequential(
     return log
 
 
+class _HookGuard:
+    """A :class:`GuardHook` as the pipeline's guard (``workers.pipeline.Guard``): the
+    records applied so far and the (norm, requests) history of the accepted deltas go
+    to the hook, as before; every verdict is logged in ``verdicts``."""
+
+    def __init__(
+        self,
+        hook: GuardHook,
+        applied: list[dict[str, Any]],
+        history: list[tuple[float, int]],
+        enforce: bool,
+    ) -> None:
+        self.hook, self.applied, self.history, self.enforce = hook, applied, history, enforce
+
+    def before(self, runtime: ModelRuntime, group: Sequence[dict[str, Any]]) -> None:
+        if runtime.current_version is None:
+            raise RuntimeError("the runtime is at no known version")
+        self.hook.before(
+            runtime.model, runtime.tokenizer, runtime.current_version, self.applied, group
+        )
+
+    def judge(
+        self, runtime: ModelRuntime, staged: Staged, group: Sequence[dict[str, Any]], prior: Any
+    ) -> _Verdict:
+        verdict = self.hook.decide(runtime.model, runtime.tokenizer, staged, group, self.history)
+        return _Verdict(verdict, staged.update_norm, list(group))
+
+    def committed(self, judgement: _Verdict, number: int) -> None:
+        if judgement.accepted:  # observed rejections stay out of the median
+            self.history.append((judgement.update_norm, len(judgement.group)))
+        self.applied += judgement.group
+
+
+class _Verdict:
+    """A hook's verdict (a JSON dict with ``accepted`` and ``reason``) as a judgement."""
+
+    def __init__(
+        self, verdict: dict[str, Any], update_norm: float, group: list[dict[str, Any]]
+    ) -> None:
+        self.verdict, self.update_norm, self.group = verdict, update_norm, group
+
+    @property
+    def accepted(self) -> bool:
+        return bool(self.verdict["accepted"])
+
+    @property
+    def reason(self) -> str | None:
+        return self.verdict.get("reason")
+
+
 def _apply_batch(
     runtime: ModelRuntime,
     editor: Any,
-    model: torch.nn.Module,
-    tok: Any,
     hp: Any,
     batch: list[dict[str, Any]],
     per_delta: int | None,
@@ -468,11 +517,12 @@ def _apply_batch(
     applied: Sequence[dict[str, Any]] = (),
     log: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Compute, stage and commit the batch's deltas (several when the editor takes
-    fewer requests per delta); a refused delta is recorded, not applied. With a
-    ``guard``, every staged delta is committed only if it accepts (``applied``: the
-    records applied before this batch; ``log``: the run's log, for the guard's
-    history of accepted norms); with ``enforce`` False the verdicts are only logged."""
+    """Apply the batch's deltas (several when the editor takes fewer requests per
+    delta) through the edit pipeline (``workers.pipeline.apply_update``, as the
+    service's edit jobs); a refused delta is recorded, not applied. With a ``guard``,
+    every staged delta is committed only if it accepts (``applied``: the records
+    applied before this batch; ``log``: the run's log, for the guard's history of
+    accepted norms); with ``enforce`` False the verdicts are only logged."""
     size = per_delta or len(batch)
     entry: dict[str, Any] = {
         "case_ids": [r["case_id"] for r in batch],
@@ -483,6 +533,7 @@ def _apply_batch(
         "update_norms": [],
         "rejected": [],
     }
+    hook = None
     if guard is not None:
         entry["guard"] = []
         entry["guard_s"] = 0.0
@@ -492,62 +543,44 @@ def _apply_batch(
             for v in b.get("guard", [])
             if v["accepted"]
         ]
-        applied = list(applied)
+        hook = _HookGuard(guard, list(applied), history, enforce)
     for start in range(0, len(batch), size):
         group = batch[start : start + size]
         ids = [r["case_id"] for r in group]
         t0, c0 = time.perf_counter(), time.process_time()
         try:
-            delta = editor.compute_delta(model, tok, [request_of(r) for r in group], hp, context())
-        except EditError as exc:
+            outcome = pipeline.apply_update(
+                runtime, editor, hp, [request_of(r) for r in group], context(),
+                group=group, guard=hook, enforce=enforce,
+            )  # fmt: skip
+        except (EditError, ValueError) as exc:  # refused by the editor, or by the runtime
             entry["compute_s"] += time.perf_counter() - t0
             entry["compute_cpu_s"] += time.process_time() - c0
-            entry["rejected"].append({"case_ids": ids, "reason": f"EditError: {exc}"})
+            entry["rejected"].append({"case_ids": ids, "reason": f"{type(exc).__name__}: {exc}"})
             continue
-        t1 = time.perf_counter()
-        entry["compute_s"] += t1 - t0
-        entry["compute_cpu_s"] += time.process_time() - c0
-        before_s = before_cpu_s = 0.0
-        if guard is not None:
-            assert runtime.current_version is not None
-            c1 = time.process_time()
-            guard.before(model, tok, runtime.current_version, applied, group)
-            before_s, before_cpu_s = time.perf_counter() - t1, time.process_time() - c1
-        try:
-            staged = runtime.stage(delta)
-        except ValueError as exc:  # the runtime refuses non-finite or misshapen deltas
-            entry["apply_s"] += time.perf_counter() - t1
-            entry["rejected"].append({"case_ids": ids, "reason": f"ValueError: {exc}"})
-            continue
-        if guard is not None:
-            t_guard, c_guard = time.perf_counter(), time.process_time()
-            verdict = guard.decide(model, tok, staged, group, history)
+        t = outcome.timing
+        entry["compute_s"] += t["compute_s"]
+        entry["compute_cpu_s"] += t["compute_cpu_s"]
+        entry["apply_s"] += t["apply_s"]
+        if hook is not None and isinstance(outcome.judgement, _Verdict):
             verdict = {
-                **verdict,
+                **outcome.judgement.verdict,
                 "case_ids": ids,
-                "update_norm": staged.update_norm,
+                "update_norm": outcome.staged.update_norm,
                 "n_requests": len(group),
-                "seconds": round(before_s + time.perf_counter() - t_guard, 4),
-                "cpu_seconds": round(before_cpu_s + time.process_time() - c_guard, 4),
+                "seconds": round(t["guard_s"], 4),
+                "cpu_seconds": round(t["guard_cpu_s"], 4),
                 "enforced": enforce,
             }
             entry["guard"].append(verdict)
             entry["guard_s"] += verdict["seconds"]
-            t1 += verdict["seconds"]  # the guard's time is not the apply time
-            if enforce and not verdict["accepted"]:
-                runtime.discard(staged)
-                entry["apply_s"] += time.perf_counter() - t1
-                entry["rejected"].append(
-                    {"case_ids": ids, "reason": str(verdict.get("reason")),
-                     "update_norm": staged.update_norm}
-                )  # fmt: skip
-                continue
-            if verdict["accepted"]:  # observed rejections stay out of the median
-                history.append((staged.update_norm, len(group)))
-            applied += group
-        runtime.commit(staged, staged.number)
-        entry["apply_s"] += time.perf_counter() - t1
-        entry["update_norms"].append(staged.update_norm)
+        if not outcome.accepted:
+            entry["rejected"].append(
+                {"case_ids": ids, "reason": str(outcome.judgement and outcome.judgement.reason),
+                 "update_norm": outcome.staged.update_norm}
+            )  # fmt: skip
+            continue
+        entry["update_norms"].append(outcome.staged.update_norm)
         entry["applied"] += ids
     entry["compute_s"] = round(entry["compute_s"], 4)
     entry["compute_cpu_s"] = round(entry["compute_cpu_s"], 4)

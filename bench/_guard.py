@@ -6,7 +6,7 @@ updates that collapse the model).
 the first ``canary_texts`` fixed fluency texts, recall of a sample of earlier edits)
 on the current version and on the staged update, and the guard's decision
 (``workers.evaluation.guard.decide``) under a ``service.settings.GuardPolicy``, as
-the worker does (``workers/guarding.py``). It also measures a **probe** the guard
+the worker does (``workers/jobs/guard.py``). It also measures a **probe** the guard
 never sees: the perplexity of the *last* ``probe_texts`` fixed texts (disjoint from
 the canary's), before and after each update. The probe is the independent judge of
 whether an update collapsed the model, so that the catch rate is not the canary
@@ -53,7 +53,9 @@ def _subject(rec: dict[str, Any]) -> str:
 
 class CanaryGuard:
     """:class:`bench._editrun.GuardHook` over the service's guard (the module
-    docstring); ``probe_texts`` 0 turns the probe off."""
+    docstring): the canary cached per version as the worker caches it
+    (``workers.evaluation.canary.CanaryCache``), the decision of
+    ``workers.evaluation.guard.decide``; ``probe_texts`` 0 turns the probe off."""
 
     def __init__(
         self,
@@ -66,30 +68,30 @@ class CanaryGuard:
         from workers.evaluation.fluency import fixed_texts, perplexity  # noqa: PLC0415
 
         self._guard, self._canary, self._policy = guard, canary, policy
-        self._texts = canary.canary_texts(policy.canary_texts)
+        self._cache = canary.CanaryCache(policy.canary_texts)
         self._recall_sample = policy.canary_edits
         everything = list(fixed_texts())
-        if probe_texts and len(self._texts) + probe_texts > len(everything):
+        n_canary = len(self._cache.texts)
+        if probe_texts and n_canary + probe_texts > len(everything):
             raise ValueError(
-                f"{len(self._texts)} canary and {probe_texts} probe texts overlap: "
+                f"{n_canary} canary and {probe_texts} probe texts overlap: "
                 f"there are {len(everything)} fixed texts"
             )
         self._probe = everything[len(everything) - probe_texts :] if probe_texts else []
         self._perplexity = perplexity
-        self._cases: list[Any] = []
-        self._before: Any = None
-        # the canary of the current version and of the last staged one: version,
-        # perplexity, tokens, recall (case key → bool), probe perplexity
-        self._current: dict[str, Any] | None = None
-        self._staged: dict[str, Any] | None = None
+        self._prior: Any = None
+        # the probe of the current version and of the last staged one: (version, perplexity)
+        self._probe_current: tuple[int, float | None] | None = None
+        self._probe_staged: tuple[int, float | None] | None = None
+        self._staged_after: tuple[int, Any] | None = None
 
     def _sample(
         self, applied: Sequence[dict[str, Any]], group: Sequence[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         """At most ``canary_edits`` applied records, none about a subject of ``group``:
         those with the smallest md5(case_id), as the service samples by md5(edit id)
-        (``workers.guarding.recall_sample``: uniform over the history and stable as it
-        grows, so that a version's cached recall is reused)."""
+        (``service.ledger.edits.recall_candidates``: uniform over the history and
+        stable as it grows, so that a version's cached recall is reused)."""
         if self._recall_sample == 0:
             return []
         subjects = {_subject(r) for r in group}
@@ -112,30 +114,21 @@ class CanaryGuard:
     ) -> None:
         """The canary of ``version`` over the recall sample, from what was measured on
         it when it was staged and, for the rest, measured now (as the service's
-        ``workers.guarding.before``)."""
-        if self._staged is not None and self._staged["version"] == version:
-            self._current = self._staged  # the accepted update's "after"
-        if self._current is None or self._current["version"] != version:
-            base = self._canary.measure(model, tok, self._texts)
-            self._current = {
-                "version": version, "perplexity": base.perplexity, "tokens": base.tokens,
-                "recall": {}, "probe": self._probe_ppl(model, tok),
-            }  # fmt: skip
-        self._cases = []
+        ``workers.jobs.guard.LedgerGuard.before``)."""
+        if self._staged_after is not None and self._staged_after[0] == version:
+            # the committed update's "after" is this version's (observed or accepted)
+            self._cache.committed(version, self._staged_after[1])
+            self._probe_current = self._probe_staged
+        if self._probe_current is None or self._probe_current[0] != version:
+            self._probe_current = (version, self._probe_ppl(model, tok))
+        cases = []
         for rec in self._sample(applied, group):
             req = request_of(rec)
-            self._cases.append(self._canary.RecallCase(
+            cases.append(self._canary.RecallCase(
                 key=int(rec["case_id"]), prompt=req.text,
                 target_new=req.target_new, target_true=str(req.target_true),
             ))  # fmt: skip
-        recall = self._current["recall"]
-        missing = [c for c in self._cases if c.key not in recall]
-        recall.update(self._canary.measure_recall(model, tok, missing))
-        self._before = self._canary.CanaryMeasurement(
-            perplexity=self._current["perplexity"],
-            tokens=self._current["tokens"],
-            recall={c.key: recall[c.key] for c in self._cases},
-        )
+        self._prior = self._cache.before(model, tok, version, cases)
 
     def decide(
         self,
@@ -145,27 +138,25 @@ class CanaryGuard:
         group: Sequence[dict[str, Any]],
         history: Sequence[tuple[float, int]],
     ) -> dict[str, Any]:
-        after = self._canary.measure(model, tok, self._texts, self._cases)
+        after = self._cache.after(model, tok, self._prior)
         verdict = self._guard.decide(
             update_norm=staged.update_norm,
             n_requests=len(group),
             history=[self._guard.norm_per_request(n, k) for n, k in history if n > 0],
-            before=self._before,
+            before=self._prior.measurement,
             after=after,
             policy=self._policy,
         )
         probe_after = self._probe_ppl(model, tok)
-        self._staged = {
-            "version": staged.number, "perplexity": after.perplexity, "tokens": after.tokens,
-            "recall": dict(after.recall), "probe": probe_after,
-        }  # fmt: skip
+        self._staged_after = (staged.number, after)
+        self._probe_staged = (staged.number, probe_after)
         out = {
             **verdict.to_json(),
-            "canary_before": self._before.to_json(),
+            "canary_before": self._prior.measurement.to_json(),
             "canary_after": after.to_json(),
         }
         if self._probe:
-            out["probe"] = {"before": self._current["probe"], "after": probe_after}
+            out["probe"] = {"before": self._probe_current[1], "after": probe_after}
         return out
 
 
@@ -183,8 +174,7 @@ def load_guard(
         policy_cls = settings.GuardPolicy
         for name in ("decide", "norm_per_request"):
             getattr(guard, name)
-        for name in ("measure", "measure_recall", "canary_texts", "RecallCase",
-                     "CanaryMeasurement"):  # fmt: skip
+        for name in ("CanaryCache", "RecallCase"):
             getattr(canary, name)
     except (ImportError, AttributeError) as exc:
         raise GuardUnavailable(

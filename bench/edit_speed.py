@@ -4,8 +4,10 @@ peak memory, at 1 and 2 torch threads.
     .venv/bin/python bench/edit_speed.py [--threads 1 2] [--out bench/results/edit_speed.json]
 
 Each (configuration, thread count) runs in its own process, so peak RSS is that
-configuration's own. Timed is ``compute_delta`` alone (as PEERS.md times EasyEdit's
-edit call: no model load, no statistics, no evaluation); statistics are timed
+configuration's own. Each batch goes through the service's edit pipeline
+(``workers.pipeline.apply_update``, as a trial on the unedited model); timed is its
+``compute`` step alone (as PEERS.md times EasyEdit's edit call: no model load, no
+statistics, no evaluation); statistics are timed
 separately from an empty cache. Records: the first CounterFact dev records that the
 probe marks as known (``../shared/data``). Every run also scores the edits it made
 (efficacy on the rewrite prompt, each edit applied alone or as its batch to the
@@ -68,6 +70,7 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     from service.hparams import defaults_for
+    from workers import pipeline
     from workers.editing.common.stats import StatsCache, stats_provider
     from workers.editing.registry import get_editor
     from workers.editing.types import EditContext, EditRequest
@@ -115,18 +118,23 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
         # warm-up: context templates are generated once per model and cached in ctx
         records = known_records(batch * batches + 1)
         warm = records.pop()
-        editor.compute_delta(model, tok, [_request(EditRequest, warm)], hp, ctx)
+        pipeline.compute(runtime, editor, hp, [_request(EditRequest, warm)], ctx)
         per_edit: list[float] = []
         scores: list[dict[str, Any]] = []
         for b in range(batches):
             reqs = [_request(EditRequest, r) for r in records[b * batch : (b + 1) * batch]]
-            t0 = time.perf_counter()
-            delta = editor.compute_delta(model, tok, reqs, hp, ctx)
-            per_edit.append((time.perf_counter() - t0) / batch)
-            staged = runtime.stage(delta)
-            if b * batch < QUALITY_RECORDS:
-                scores += [counterfact_scores(model, tok, r) for r in reqs]
-            runtime.discard(staged)
+            scored = b * batch < QUALITY_RECORDS
+
+            def measure(rt: Any, reqs: list[Any] = reqs) -> list[dict[str, Any]]:
+                return [counterfact_scores(rt.model, rt.tokenizer, r) for r in reqs]
+
+            # each batch on the unedited model: a trial of the service's edit pipeline
+            outcome = pipeline.apply_update(
+                runtime, editor, hp, reqs, ctx, measure=measure if scored else None, keep=False
+            )
+            per_edit.append(outcome.timing["compute_s"] / batch)
+            if scored:
+                scores += outcome.after or []
         result.update(
             method=method,
             batch=batch,

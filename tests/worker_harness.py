@@ -8,19 +8,22 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 from redis import Redis
-from rq import Queue, SimpleWorker
+from rq import Queue
 
 from service.presence import Phase, Presence
 from service.redis_clients import command_client
 from service.settings import Settings
-from workers.worker import WorkerState, build_state, set_state
+from workers.state import WorkerState
+from workers.worker import StateWorker, build_state
+
+# the state start_worker built last, per model: what drain runs the jobs with
+_LAST: dict[str, WorkerState] = {}
 
 
 def start_worker(model: str, settings: Settings) -> WorkerState:
     """Build the worker's state (load, register, warm, sync) and announce it as ready,
     as ``memedit worker`` does (its record lives for ten minutes: no heartbeat)."""
     state = build_state(model, settings)
-    set_state(state)
     presence = Presence(
         command_client(settings.redis_url),
         settings.queue_prefix,
@@ -30,17 +33,19 @@ def start_worker(model: str, settings: Settings) -> WorkerState:
         ttl_s=600,
     )
     presence.set(Phase.ready)
+    _LAST[model] = state
     return state
 
 
-def drain(model: str, settings: Settings, redis: Redis) -> None:
-    """Run the model's queues until they are empty."""
+def drain(model: str, settings: Settings, redis: Redis, state: WorkerState | None = None) -> None:
+    """Run the model's queues until they are empty, with the worker's state (default:
+    the one :func:`start_worker` built last)."""
     queues = [
         Queue(settings.read_queue(model), connection=redis),
         Queue(settings.edit_queue(model), connection=redis),
         Queue(settings.eval_queue(model), connection=redis),
     ]
-    SimpleWorker(queues, connection=redis).work(burst=True)
+    StateWorker(queues, state=state or _LAST[model], connection=redis).work(burst=True)
 
 
 def all_versions(client: TestClient, model: str) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ Model Editing with Llama-3") find that sequences of moderate batches edit better
 than single edits or one huge batch. So the model's writer does not apply a stream
 of single corrections one version at a time: when it starts an edit job whose
 method takes several requests per delta, it claims other queued edit jobs from the
-ledger (:func:`claim_jobs`) until it holds the model's ``max_batch`` requests or
+ledger (:func:`service.ledger.jobs.claim_batchable`) until it holds the model's ``max_batch`` requests or
 ``max_wait_ms`` passed, then applies them as sequential batches
 (:func:`next_batch`), one version each.
 
@@ -27,15 +27,8 @@ Rules (docs/api.md, "Batching"):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
-
-from sqlalchemy import ColumnElement, and_, false, func, not_, or_, select, type_coerce, update
-from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import Session
-
-from service.ledger.tables import Edit, EditStatus, Job, JobKind, JobStatus
 
 T = TypeVar("T")
 
@@ -84,91 +77,3 @@ def batch_size(editor: Any, max_batch: int) -> int:
     editor's ``max_requests_per_delta`` (ROME: 1)."""
     per_delta = getattr(editor, "max_requests_per_delta", None)
     return max(1, min(max_batch, per_delta)) if per_delta else max(1, max_batch)
-
-
-def _compatible(method: str, overrides: Mapping[str, Any]) -> ColumnElement[bool]:
-    """Edit jobs the writer may batch with a job of ``method`` and ``overrides``.
-
-    JSONB equality compares the overrides as values (key order does not matter).
-    Jobs stored before batching existed have no ``batching`` key: ``auto``.
-    """
-    payload = type_coerce(Job.payload, JSONB)
-    return and_(
-        Job.kind == JobKind.edit,
-        payload["method"].astext == method,
-        payload["hparams"] == type_coerce(dict(overrides), JSONB),
-        func.coalesce(payload["batching"].astext, "auto") == "auto",
-    )
-
-
-def claim_jobs(
-    s: Session,
-    model_id: int,
-    method: str,
-    overrides: Mapping[str, Any],
-    limit: int,
-    claimed_by: str,
-) -> tuple[list[str], int]:
-    """Claim up to ``limit`` queued edit jobs of the model that can be batched with a
-    job of ``method``/``overrides``, oldest first, and mark them running.
-
-    Jobs locked by another transaction are skipped (``SKIP LOCKED``); only jobs
-    created before the oldest queued job that cannot be batched are taken (see the
-    module docstring). Returns the claimed job ids (oldest first) and how many
-    queued edits they hold. The caller commits.
-    """
-    if limit < 1:
-        return [], 0
-    compatible = _compatible(method, overrides)
-    barrier = (
-        select(func.min(Job.created_at))
-        .where(
-            Job.model_id == model_id,
-            Job.status == JobStatus.queued,
-            Job.kind != JobKind.evaluation,
-            not_(func.coalesce(compatible, false())),
-        )
-        .scalar_subquery()
-    )
-    ids = list(
-        s.scalars(
-            select(Job.id)
-            .where(
-                Job.model_id == model_id,
-                Job.status == JobStatus.queued,
-                compatible,
-                or_(barrier.is_(None), Job.created_at < barrier),
-            )
-            .order_by(Job.created_at, Job.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-    )
-    if not ids:
-        return [], 0
-    s.execute(
-        update(Job)
-        .where(Job.id.in_(ids))
-        .values(
-            status=JobStatus.running,
-            started_at=func.coalesce(Job.started_at, datetime.now(UTC)),
-            message=f"taken into the batches of job {claimed_by}",
-        )
-    )
-    n_edits = s.scalar(
-        select(func.count(Edit.id)).where(Edit.job_id.in_(ids), Edit.status == EditStatus.queued)
-    )
-    return ids, int(n_edits or 0)
-
-
-def pending_edits(s: Session, job_ids: Sequence[str]) -> list[Edit]:
-    """The queued edits of ``job_ids`` in the order they were accepted (edit id)."""
-    if not job_ids:
-        return []
-    return list(
-        s.scalars(
-            select(Edit)
-            .where(Edit.job_id.in_(list(job_ids)), Edit.status == EditStatus.queued)
-            .order_by(Edit.id)
-        )
-    )

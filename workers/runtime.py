@@ -42,6 +42,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from transformers.pytorch_utils import Conv1D
 
+from service.ledger.records import ChainError, VersionRecord, plan_replay, same_state_versions
 from workers.artifacts import ArtifactStore
 from workers.editing.registry import get_adaptor
 from workers.editing.types import DenseUpdate, LowRankUpdate, ModuleState, Update, WeightDelta
@@ -59,11 +60,6 @@ class IntegrityError(RuntimeError):
     not the version it claims to be). The runtime refuses to serve it."""
 
 
-class ChainError(ValueError):
-    """The version records do not form a valid chain to the requested version."""
-
-
-# -- hashing -------------------------------------------------------------------------
 def tensor_sha256(t: torch.Tensor) -> str:
     """sha256 over ``"<dtype>:<shape>:"`` and the tensor's raw bytes (computed on CPU).
 
@@ -77,94 +73,6 @@ def tensor_sha256(t: torch.Tensor) -> str:
     if flat.numel():
         h.update(flat.view(torch.uint8).numpy())
     return h.hexdigest()
-
-
-# -- ledger view ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class VersionRecord:
-    """A ledger version as the runtime needs it (no database types).
-
-    ``parent_number`` is the version this one builds on: ``number - 1`` for an edit
-    (assumed when absent), the rollback target for a rollback (which carries no
-    delta). ``tensor_sha256`` maps tensor names — parameter names and, for method
-    state, ``"aux:<name>"`` — to the hashes recorded after this version.
-    """
-
-    number: int
-    kind: str  # "base" | "edit" | "rollback"
-    parent_number: int | None = None
-    delta_path: str | None = None
-    delta_sha256: str | None = None
-    snapshot_path: str | None = None
-    snapshot_sha256: str | None = None
-    tensor_sha256: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def parent(self) -> int | None:
-        if self.kind == "base":
-            return None
-        if self.parent_number is None and self.kind == "edit":
-            return self.number - 1
-        return self.parent_number
-
-
-@dataclass(frozen=True)
-class ReplayPlan:
-    """How to reach ``target``: start from ``start`` ("current", "base" or
-    "snapshot" of version ``start_number``), then apply ``deltas`` in order."""
-
-    target: int
-    start: str
-    start_number: int
-    deltas: tuple[VersionRecord, ...]
-
-
-def plan_replay(
-    records: Mapping[int, VersionRecord], target: int, current: int | None = None
-) -> ReplayPlan:
-    """Walk target → parent → … until the current version, a snapshot, or the base."""
-    chain: list[VersionRecord] = []
-    number = target
-    while True:
-        rec = records.get(number)
-        if rec is None:
-            raise ChainError(f"version {number} (on the chain of {target}) is not in the records")
-        if rec.number != number:
-            raise ChainError(f"record under key {number} says it is version {rec.number}")
-        if rec.kind == "base":
-            start = "base"
-            break
-        if current is not None and number == current:
-            start = "current"
-            break
-        if rec.snapshot_path is not None:
-            start = "snapshot"
-            break
-        if rec.kind == "edit":
-            if rec.delta_path is None:
-                raise ChainError(f"edit version {number} has no delta artifact")
-            chain.append(rec)
-        elif rec.kind != "rollback":
-            raise ChainError(f"version {number} has unknown kind {rec.kind!r}")
-        parent = rec.parent
-        if parent is None or not 0 <= parent < number:
-            raise ChainError(f"version {number} ({rec.kind}) has invalid parent {parent!r}")
-        number = parent
-    chain.reverse()
-    return ReplayPlan(target=target, start=start, start_number=number, deltas=tuple(chain))
-
-
-def same_state_versions(records: Mapping[int, VersionRecord], number: int) -> list[int]:
-    """``number`` and the versions whose state it equals by definition: a rollback
-    carries no delta, so it equals its parent (and so on through rollbacks)."""
-    out = [number]
-    rec = records.get(number)
-    while rec is not None and rec.kind == "rollback" and rec.parent is not None:
-        if not 0 <= rec.parent < out[-1]:
-            break
-        out.append(rec.parent)
-        rec = records.get(rec.parent)
-    return out
 
 
 # -- method state besides the weights ------------------------------------------------------
@@ -424,13 +332,15 @@ class ModelRuntime:
     one, :meth:`snapshot_bytes` to let later syncs start from here.
     """
 
-    def __init__(self, loaded: LoadedModel | torch.nn.Module) -> None:
+    def __init__(self, loaded: LoadedModel | torch.nn.Module, tokenizer: Any = None) -> None:
         if isinstance(loaded, LoadedModel):
             self.loaded: LoadedModel | None = loaded
             self.model: torch.nn.Module = loaded.model
+            self._tokenizer = loaded.tokenizer
         else:
             self.loaded = None
             self.model = loaded
+            self._tokenizer = tokenizer
         self._params: dict[str, torch.nn.Parameter] = {}
         self._canonical: dict[str, str] = {}
         first: dict[int, str] = {}
@@ -456,8 +366,9 @@ class ModelRuntime:
 
     @property
     def tokenizer(self) -> Any:
-        """The tokenizer of the :class:`LoadedModel` given (None for a bare module)."""
-        return None if self.loaded is None else self.loaded.tokenizer
+        """The tokenizer of the :class:`LoadedModel`, or the one given with a bare
+        module (None if none was)."""
+        return self._tokenizer
 
     @property
     def aux(self) -> dict[str, torch.Tensor]:

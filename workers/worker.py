@@ -22,7 +22,6 @@ import logging
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,52 +29,24 @@ import torch
 from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
+from rq.job import Job as RqJob
 
 from service.presence import Phase, Presence
 from service.redis_clients import WORKER_TTL_S, command_client, worker_client
-from service.settings import ModelSpec, Settings, get_settings
+from service.settings import Settings, get_settings
 from workers.artifacts import ArtifactStore
-from workers.editing.common.stats import Steps, run_steps
-from workers.models.loading import load_model
+from workers.editing.common.stats import StatsCache, Steps, run_steps
+from workers.evaluation.canary import CanaryCache
+from workers.models.loading import load_model, weights_fingerprint
 from workers.runtime import ModelRuntime
+from workers.state import WorkerState
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class WorkerState:
-    """Everything a job needs from the process that runs it."""
-
-    name: str
-    spec: ModelSpec
-    settings: Settings
-    runtime: ModelRuntime
-    store: ArtifactStore
-    model_id: int
-    # editor caches (context templates, statistics, inverses): live as long as the model
-    cache: dict[str, Any] = field(default_factory=dict)
-
-
-_STATE: WorkerState | None = None
-
-
-def current_state() -> WorkerState:
-    if _STATE is None:
-        raise RuntimeError(
-            "this job must run inside a memedit worker (memedit worker --model NAME), "
-            "which holds the model"
-        )
-    return _STATE
-
-
-def set_state(state: WorkerState | None) -> None:
-    global _STATE
-    _STATE = state
-
-
 def load_state(name: str, settings: Settings | None = None) -> WorkerState:
     """Load the model and register it in the ledger (the base weights' hashes)."""
-    from workers import startup  # noqa: PLC0415  (startup imports this module)
+    from workers import startup  # noqa: PLC0415  (startup imports the job side)
 
     settings = settings or get_settings()
     if name not in settings.models:
@@ -91,17 +62,21 @@ def load_state(name: str, settings: Settings | None = None) -> WorkerState:
         revision=spec.revision,
         cache_dir=settings.effective_cache_dir,
     )
-    state = WorkerState(
+    runtime = ModelRuntime(loaded)
+    model_id = startup.register(runtime, name, spec, settings)
+    # the statistics are keyed by the base weights: fingerprint them before any replay
+    fingerprint = weights_fingerprint(runtime.model)
+    return WorkerState(
         name=name,
         spec=spec,
         settings=settings,
-        runtime=ModelRuntime(loaded),
+        runtime=runtime,
         store=ArtifactStore(Path(settings.artifact_dir)),
-        model_id=-1,
+        model_id=model_id,
+        stats=StatsCache(settings.effective_cache_dir / "stats", fingerprint),
+        base_fingerprint=fingerprint,
+        canary=CanaryCache(spec.guard.canary_texts) if spec.guard.enabled else None,
     )
-    state.model_id = startup.register_model(state)
-    startup.stats_cache(state)  # keyed by the base weights' fingerprint: take it before syncing
-    return state
 
 
 def startup_steps(state: WorkerState) -> Steps[int]:
@@ -123,12 +98,45 @@ def build_state(name: str, settings: Settings | None = None) -> WorkerState:
     return state
 
 
-class StartingWorker(SimpleWorker):
-    """rq's SimpleWorker that finishes the worker's start-up inside its loop.
+class StateJob(RqJob):
+    """An rq job that passes the worker's state to a function marked
+    :func:`~workers.state.needs_state` (as its first argument). The worker sets
+    :attr:`worker_state` before it runs the job; the queue carries only the other arguments."""
+
+    worker_state: WorkerState | None = None
+
+    def _execute(self) -> Any:
+        if getattr(self.func, "__memedit_state__", False):
+            if self.worker_state is None:
+                raise RuntimeError(
+                    f"{self.func_name} must run in a memedit worker, which holds the model "
+                    "(memedit worker --model NAME)"
+                )
+            return self.func(self.worker_state, *self.args, **self.kwargs)
+        return super()._execute()
+
+
+class StateWorker(SimpleWorker):
+    """rq's non-forking worker (the model lives in this process) whose jobs get the
+    worker's :class:`~workers.state.WorkerState` (:class:`StateJob`)."""
+
+    def __init__(self, queues: Sequence[Queue], *, state: WorkerState | None, **kwargs: Any):
+        kwargs.setdefault("job_class", StateJob)
+        super().__init__(list(queues), **kwargs)
+        self.worker_state = state  # (rq's workers have a `state` of their own)
+
+    def execute_job(self, job: Any, queue: Queue) -> Any:
+        if isinstance(job, StateJob):
+            job.worker_state = self.worker_state
+        return super().execute_job(job, queue)
+
+
+class StartingWorker(StateWorker):
+    """A :class:`StateWorker` that finishes the worker's start-up inside its loop.
 
     Until ``startup`` (a step generator) is exhausted, each dequeue first answers a
     job waiting on ``read_queue`` when ``reads_ok``, else runs the next start-up
-    step; the other queues are not looked at. Then it is a plain SimpleWorker. A
+    step; the other queues are not looked at. Then it is a plain StateWorker. A
     start-up step that raises stops the worker; :attr:`startup_error` keeps it.
     """
 
@@ -140,9 +148,10 @@ class StartingWorker(SimpleWorker):
         read_queue: Queue,
         reads_ok: bool,
         presence: Presence | None = None,
+        state: WorkerState | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(list(queues), **kwargs)
+        super().__init__(queues, state=state, **kwargs)
         self._startup: Steps[Any] | None = startup
         self._read_queue = read_queue
         self._reads_ok = reads_ok
@@ -210,7 +219,6 @@ def main(name: str, *, burst: bool = False, presence: Presence | None = None) ->
         presence.start()
     try:
         state = load_state(name, settings)
-        set_state(state)
         presence.version = lambda: state.runtime.current_version
         presence.set(Phase.loading, message="registered; preparing")
         # reads between start-up steps see the head only if the weights are it already
@@ -233,6 +241,7 @@ def main(name: str, *, burst: bool = False, presence: Presence | None = None) ->
             read_queue=queues[0],
             reads_ok=reads_ok,
             presence=presence,
+            state=state,
             connection=conn,
             name=presence.name,
             worker_ttl=WORKER_TTL_S,
@@ -241,6 +250,5 @@ def main(name: str, *, burst: bool = False, presence: Presence | None = None) ->
         if worker.startup_error is not None:
             raise RuntimeError(f"the worker for {name} could not start") from worker.startup_error
     finally:
-        set_state(None)
         if own_presence:
             presence.stop()

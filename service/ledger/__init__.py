@@ -5,7 +5,7 @@ API and the workers alike.
 - :mod:`~service.ledger.sessions` — engines and sessions;
 - one module per aggregate: :mod:`~service.ledger.models`, :mod:`~service.ledger.jobs`,
   :mod:`~service.ledger.edits`, :mod:`~service.ledger.versions`,
-  :mod:`~service.ledger.evaluations`, :mod:`~service.ledger.guard`;
+  :mod:`~service.ledger.evaluations`, :mod:`~service.ledger.guard_decisions`;
 - :mod:`~service.ledger.paging` — keyset pagination of the listings.
 
 Every function takes a :class:`~sqlalchemy.orm.Session` and leaves committing to the
@@ -22,7 +22,7 @@ from service.ledger.evaluations import (
     list_evaluations,
     schedule_policy_evaluations,
 )
-from service.ledger.guard import list_guard_decisions
+from service.ledger.guard_decisions import list_guard_decisions
 from service.ledger.jobs import BATCHING_MODES, create_edit_job, create_rollback_job, get_job
 from service.ledger.models import (
     get_model,

@@ -1,19 +1,20 @@
-"""The ``edits`` aggregate: the listing of a model's edits."""
+"""The ``edits`` aggregate: a model's edits, listed for the API; for the workers,
+the queued edits of the jobs they hold, and each edit's outcome (applied, rejected,
+failed, reverted or restored by a rollback)."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import String, cast, func, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from service.errors import InvalidInput
 from service.ledger.models import get_model
 from service.ledger.paging import Page, check_limit, decode_cursor, page
-from service.ledger.tables import (
-    Edit,
-    EditStatus,
-)
+from service.ledger.tables import Edit, EditStatus, Version
 
 log = logging.getLogger(__name__)
 
@@ -52,3 +53,110 @@ def _edit_status(status: EditStatus | str) -> EditStatus:
     except ValueError:
         known = ", ".join(s.value for s in EditStatus)
         raise InvalidInput("status", f"unknown status {status!r}; known: {known}") from None
+
+
+# -- the worker's side -------------------------------------------------------------------
+
+
+def pending_edits(session: Session, job_ids: Sequence[str]) -> list[Edit]:
+    """The queued edits of ``job_ids`` in the order they were accepted (edit id)."""
+    if not job_ids:
+        return []
+    return list(
+        session.scalars(
+            select(Edit)
+            .where(Edit.job_id.in_(list(job_ids)), Edit.status == EditStatus.queued)
+            .order_by(Edit.id)
+        )
+    )
+
+
+def mark_applied(session: Session, version_id: int, rows: Mapping[int, dict[str, Any]]) -> None:
+    """The edits ``rows`` (edit id → metrics row) are applied by version ``version_id``."""
+    for edit_id, row in rows.items():
+        session.execute(
+            update(Edit)
+            .where(Edit.id == edit_id)
+            .values(status=EditStatus.applied, version_id=version_id, metrics=row, reason=None)
+        )
+
+
+def mark_rejected(
+    session: Session, rows: Mapping[int, dict[str, Any]], reason: str | None
+) -> dict[str, list[int]]:
+    """The edits ``rows`` (edit id → metrics row) are rejected for ``reason``; returns
+    their ids by job."""
+    by_job: dict[str, list[int]] = {}
+    for e in session.scalars(select(Edit).where(Edit.id.in_(list(rows)))):
+        e.status = EditStatus.rejected
+        e.reason = reason
+        e.metrics = rows[int(e.id)]
+        by_job.setdefault(e.job_id, []).append(int(e.id))
+    return by_job
+
+
+def align_after_rollback(
+    session: Session, model_id: int, keep: Collection[int], others: Collection[int], target: int
+) -> tuple[list[int], list[int]]:
+    """After a rollback to ``target`` an edit is applied iff its version is on the
+    target's chain (``keep``; ``others``: every other version number): later edits
+    become reverted; edits that an earlier rollback had reverted and that the target's
+    chain contains are applied again. Returns (reverted, restored) edit ids."""
+    on_chain = select(Version.id).where(
+        Version.model_id == model_id, Version.number.in_(list(keep))
+    )
+    off_chain = select(Version.id).where(
+        Version.model_id == model_id, Version.number.in_(list(others))
+    )
+    reverted = session.scalars(
+        update(Edit)
+        .where(
+            Edit.model_id == model_id,
+            Edit.status == EditStatus.applied,
+            Edit.version_id.in_(off_chain),
+        )
+        .values(status=EditStatus.reverted, reason=f"rolled back to version {target}")
+        .returning(Edit.id)
+    ).all()
+    restored = session.scalars(
+        update(Edit)
+        .where(
+            Edit.model_id == model_id,
+            Edit.status == EditStatus.reverted,
+            Edit.version_id.in_(on_chain),
+        )
+        .values(status=EditStatus.applied, reason=None)
+        .returning(Edit.id)
+    ).all()
+    return sorted(reverted), sorted(restored)
+
+
+def chain_edits(
+    session: Session, model_id: int, numbers: Collection[int]
+) -> list[tuple[Edit, int]]:
+    """The edits applied by the versions ``numbers`` with their version number, in the
+    order they were applied (version, then acceptance order)."""
+    return [
+        (e, n)
+        for e, n in session.execute(
+            select(Edit, Version.number)
+            .join(Version, Version.id == Edit.version_id)
+            .where(Version.model_id == model_id, Version.number.in_(list(numbers)))
+            .order_by(Version.number, Edit.id)
+        ).all()
+    ]
+
+
+def recall_candidates(session: Session, model_id: int, k: int) -> list[Edit]:
+    """Up to ``k`` applied edits of the model: those with the smallest md5(id), a
+    deterministic, uniform sample of the whole history that is stable as it grows (a
+    new edit replaces at most one member). By id."""
+    if k <= 0:
+        return []
+    rows = session.scalars(
+        select(Edit)
+        .where(Edit.model_id == model_id, Edit.status == EditStatus.applied)
+        .order_by(func.md5(cast(Edit.id, String)))
+        .limit(k)
+    ).all()
+    return sorted(rows, key=lambda e: e.id)

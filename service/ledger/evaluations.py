@@ -1,19 +1,27 @@
 """The ``evaluations`` aggregate: evaluation jobs asked for over the API or due by
-a model's policy, and their listings."""
+a model's policy, and their listings; for the workers, a run's start, result (with
+its policy's verdict and, on a breach, the rollback to the last healthy version)
+and failure, and the edits a retention run scores."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, tuple_, update
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
-from service.evaluations import EvaluationPolicy, check_suite_params
+from service.evaluations import EvaluationPolicy, breaches, check_suite_params
+from service.jsonsafe import json_safe
+from service.ledger.edits import chain_edits
+from service.ledger.jobs import create_rollback_job
 from service.ledger.models import get_model, head_version_number, model_policies
 from service.ledger.paging import Page, check_limit, decode_cursor, page
+from service.ledger.records import chain
 from service.ledger.tables import (
     Evaluation,
     Job,
@@ -22,6 +30,7 @@ from service.ledger.tables import (
     Model,
     Version,
 )
+from service.ledger.versions import version_records
 
 log = logging.getLogger(__name__)
 
@@ -190,3 +199,192 @@ def list_evaluations(
         query = query.where(tuple_(Evaluation.version, Evaluation.id) > tuple_(*after))
     rows = list(session.scalars(query.order_by(Evaluation.version, Evaluation.id).limit(limit + 1)))
     return page(rows, limit, kind, lambda e: [e.version, e.id])
+
+
+# -- the worker's side -------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def start_evaluation(session: Session, job_id: str) -> Evaluation:
+    """The evaluation row of job ``job_id``, marked running."""
+    ev = session.scalar(select(Evaluation).where(Evaluation.job_id == job_id))
+    if ev is None:
+        raise LookupError(f"job {job_id} has no evaluation row")
+    ev.status = JobStatus.running
+    ev.started_at = ev.started_at or _now()
+    return ev
+
+
+def fail_evaluation(session: Session, job_id: str, reason: str) -> None:
+    session.execute(
+        update(Evaluation)
+        .where(Evaluation.job_id == job_id)
+        .values(status=JobStatus.failed, error=reason, finished_at=_now())
+    )
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+def store_result(
+    session: Session,
+    job_id: str,
+    evaluation_id: int,
+    metrics: Mapping[str, float],
+    details: Mapping[str, Any],
+    timing: Mapping[str, float],
+) -> tuple[dict[str, Any], str | None]:
+    """Write an evaluation's result, its policy's verdict and, for a breach of a
+    policy with ``action: rollback``, the rollback job (:func:`rollback_plan`), and
+    finish the job. Returns the job's result and the rollback job's id (to enqueue
+    after the commit). Non-finite metrics are stored as null (JSONB has none) and
+    named in ``details.non_finite_metrics``; thresholds see them as they are."""
+    stored = {k: _finite_or_none(v) for k, v in metrics.items()}
+    non_finite = {k: str(v) for k, v in metrics.items() if not math.isfinite(v)}
+    details = {**details, "non_finite_metrics": non_finite} if non_finite else dict(details)
+    rollback_job: str | None = None
+    ev = session.get(Evaluation, evaluation_id)
+    if ev is None:
+        raise LookupError(f"evaluation {evaluation_id} is not in the ledger")
+    spec = ev.policy_spec or {}
+    passed: bool | None = None
+    alert: dict[str, Any] | None = None
+    thresholds = spec.get("thresholds") or {}
+    if thresholds:
+        bad, missing = breaches(dict(metrics), thresholds)
+        passed = not bad and not missing
+        if not passed:
+            alert = {
+                "policy": ev.policy,
+                "breaches": json_safe(bad),
+                "missing": missing,
+                "action": spec.get("action", "alert"),
+                "raised_at": _now().isoformat(),
+            }
+            if bad and spec.get("action") == "rollback":
+                rollback_job, outcome = _queue_rollback(session, ev)
+                alert.update(outcome)
+    values: dict[str, Any] = {
+        "status": JobStatus.succeeded,
+        "metrics": stored,
+        "details": details,
+        "timing": dict(timing),
+        "finished_at": _now(),
+        "passed": passed,
+    }
+    if alert is not None:
+        values["alert"] = alert
+    session.execute(update(Evaluation).where(Evaluation.id == evaluation_id).values(**values))
+    result = {
+        "evaluation_id": evaluation_id,
+        "suite": ev.suite,
+        "version": ev.version,
+        "metrics": stored,
+        "passed": passed,
+        "alert": alert,
+    }
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(
+            status=JobStatus.succeeded,
+            progress=1.0,
+            message=None,
+            result=result,
+            finished_at=_now(),
+        )
+    )
+    if alert is not None:
+        log.warning("evaluation %d raised an alert: %s", evaluation_id, alert)
+    return result, rollback_job
+
+
+def rollback_plan(session: Session, ev: Evaluation) -> tuple[int | None, str]:
+    """Where a rollback after ``ev``'s breach goes, or ``None`` and why not.
+
+    The rule (docs/api.md, "Evaluation policies"):
+
+    - only while the evaluated version is still in effect, i.e. on the head's chain:
+      if someone already rolled back past it, its state no longer serves; versions
+      committed on top of it since are rolled back too (they were applied to a model
+      that breached its thresholds);
+    - not while another rollback job of the model is queued or running;
+    - to the last healthy version: the latest version before the evaluated one, on
+      its chain, whose run of the same policy passed; else the base version 0.
+    """
+    records = version_records(session, ev.model_id)
+    head = max(records)
+    if ev.version not in chain(records, head):
+        return None, (
+            f"version {ev.version} is no longer in effect (head {head} does not build on it)"
+        )
+    pending = session.scalar(
+        select(Job.id).where(
+            Job.model_id == ev.model_id,
+            Job.kind == JobKind.rollback,
+            Job.status.in_([JobStatus.queued, JobStatus.running]),
+        )
+    )
+    if pending is not None:
+        return None, f"rollback job {pending} is already pending"
+    earlier = sorted(n for n in chain(records, ev.version) if n < ev.version)
+    healthy = session.scalars(
+        select(Evaluation.version).where(
+            Evaluation.model_id == ev.model_id,
+            Evaluation.policy == ev.policy,
+            Evaluation.status == JobStatus.succeeded,
+            Evaluation.passed.is_(True),
+            Evaluation.version.in_(earlier),
+        )
+    ).all()
+    target = max(healthy, default=0)
+    if target == ev.version:
+        return None, "the evaluated version is the base version"
+    return target, "last healthy version" if healthy else "no earlier run passed: the base"
+
+
+def _queue_rollback(session: Session, ev: Evaluation) -> tuple[str | None, dict[str, Any]]:
+    target, why = rollback_plan(session, ev)
+    if target is None:
+        log.warning("evaluation %d: no rollback (%s)", ev.id, why)
+        return None, {"rollback": None, "rollback_skipped": why}
+    model = session.get(Model, ev.model_id)
+    if model is None:
+        raise LookupError(f"model {ev.model_id} is not in the ledger")
+    job = create_rollback_job(session, model.name, target)
+    job.payload = {
+        **job.payload,
+        "trigger": {"evaluation_id": ev.id, "policy": ev.policy, "version": ev.version},
+    }
+    session.flush()
+    log.warning(
+        "evaluation %d of version %d breached policy %s: rollback job %s to version %d (%s)",
+        ev.id, ev.version, ev.policy, job.id, target, why,
+    )  # fmt: skip
+    return job.id, {"rollback": {"job_id": job.id, "to_version": target, "reason": why}}
+
+
+def chain_edit_cases(session: Session, model_id: int, number: int) -> list[dict[str, Any]]:
+    """The edits applied on version ``number``'s chain, in the order they were applied
+    (version, then acceptance order), as the retention suite reads them.
+
+    The chain, not the edits' current status, decides: evaluating a version that a
+    later rollback left behind still sees the edits it held. An edit whose client gave
+    no target_true carries the one its edit job inferred.
+    """
+    numbers = chain(version_records(session, model_id), number)
+    return [
+        {
+            "edit_id": e.id,
+            "prompt": e.prompt,
+            "subject": e.subject,
+            "target_new": e.target_new,
+            "target_true": e.target_true or (e.metrics or {}).get("target_true_inferred"),
+            "version": n,
+        }
+        for e, n in chain_edits(session, model_id, numbers)
+    ]

@@ -1,5 +1,7 @@
-"""The ``jobs`` aggregate as the API writes it: edit and rollback jobs (with their
-queued edits), and reading one job."""
+"""The ``jobs`` aggregate: edit and rollback jobs as the API adds them (with their
+queued edits) and reads them; for the workers, a job's life (started, progress,
+finished, failed, its result growing with each version, put back after a worker
+stopped) and the batching claim (:func:`claim_batchable`)."""
 
 from __future__ import annotations
 
@@ -7,22 +9,17 @@ import logging
 import typing
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, and_, false, func, not_, or_, select, type_coerce, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, joinedload
 
 from service.errors import InvalidInput, NotFound
 from service.ledger.models import get_model, head_version_number
-from service.ledger.tables import (
-    Edit,
-    EditStatus,
-    Job,
-    JobKind,
-    JobStatus,
-    Version,
-)
+from service.ledger.tables import Edit, EditStatus, Evaluation, Job, JobKind, JobStatus, Version
 from service.schemas import Batching, EditRequestIn
 from service.validation import check_hparams, check_method
 
@@ -149,3 +146,223 @@ def get_job(session: Session, job_id: str) -> Job:
     if job is None:
         raise NotFound("job_id", f"unknown job {job_id!r}")
     return job
+
+
+# -- the worker's side -------------------------------------------------------------------
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def start_job(session: Session, job_id: str, model_id: int) -> Job | None:
+    """Mark a queued job of the model ``running`` (row-locked) and return it; None when
+    it is not queued (finished, or taken into another job's batches): its queue entry
+    is then a no-op. ``LookupError`` for an unknown job, ``ValueError`` for another
+    model's."""
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None:
+        raise LookupError(f"job {job_id} is not in the ledger")
+    if job.status is not JobStatus.queued:
+        return None
+    if job.model_id != model_id:
+        raise ValueError(f"job {job_id} belongs to another model")
+    job.status = JobStatus.running
+    job.started_at = job.started_at or _now()
+    return job
+
+
+def set_progress(session: Session, job_ids: Sequence[str], fraction: float, message: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)))
+        .values(progress=max(0.0, min(1.0, fraction)), message=message[:500])
+    )
+
+
+def finish(session: Session, job_ids: Sequence[str], result: dict[str, Any] | None) -> None:
+    """Mark running jobs succeeded (an edit job's result was written with its versions)."""
+    values: dict[str, Any] = {
+        "status": JobStatus.succeeded,
+        "progress": 1.0,
+        "finished_at": _now(),
+        "message": None,
+    }
+    if result is not None:
+        values["result"] = result
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.running)
+        .values(**values)
+    )
+
+
+def fail(session: Session, job_id: str, reason: str) -> None:
+    """The job failed with ``reason``; its edits that were still queued fail with it."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(status=JobStatus.failed, error=reason, finished_at=_now())
+    )
+    session.execute(
+        update(Edit)
+        .where(Edit.job_id == job_id, Edit.status == EditStatus.queued)
+        .values(status=EditStatus.failed, reason=reason)
+    )
+
+
+def add_version_results(
+    session: Session,
+    number: int,
+    method: str,
+    size: int,
+    rows_by_job: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """Each job's result grows in the version's transaction (its version, its edits'
+    metrics rows, the batch), so that a worker that dies later leaves each result
+    matching the applied edits."""
+    for job_id, rows in rows_by_job.items():
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} is not in the ledger")
+        old = job.result or {}
+        job.result = {
+            "versions": [*old.get("versions", []), number],
+            "metrics": {**old.get("metrics", {}), **rows},
+            "method": method,
+            "batches": [
+                *old.get("batches", []),
+                {"version": number, "size": size, "edit_ids": [int(k) for k in rows]},
+            ],
+        }
+
+
+def add_rejection_results(
+    session: Session, ids_by_job: Mapping[str, Sequence[int]], rejection: Mapping[str, Any]
+) -> None:
+    """Add a rejected update (``{"reason", "rules", "guard_decision_id"}``) to each
+    job's result, with the job's edit ids of the update."""
+    for job_id, ids in ids_by_job.items():
+        job = session.get(Job, job_id)
+        if job is None:
+            continue
+        old = job.result or {}
+        job.result = {
+            **old,
+            "versions": old.get("versions", []),
+            "rejected": [*old.get("rejected", []), {"edit_ids": sorted(ids), **rejection}],
+        }
+
+
+def edit_payload(session: Session, job_id: str) -> dict[str, Any]:
+    """An edit or rollback job's input (``{"method", "hparams", "batching"}`` or
+    ``{"to_version"}``)."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"job {job_id} is not in the ledger")
+    return dict(job.payload or {})
+
+
+def unfinished_jobs(session: Session, model_id: int) -> list[Job]:
+    """The model's jobs that are queued or running, oldest first (row-locked)."""
+    return list(
+        session.scalars(
+            select(Job)
+            .where(
+                Job.model_id == model_id,
+                Job.status.in_([JobStatus.queued, JobStatus.running]),
+            )
+            .order_by(Job.created_at)
+            .with_for_update()
+        )
+    )
+
+
+def put_back(session: Session, job: Job, message: str) -> None:
+    """A job (and its evaluation row) becomes ``queued`` again with ``message``; its
+    applied edits stay applied, its queued ones run again."""
+    job.status = JobStatus.queued
+    job.message = message
+    if job.kind is JobKind.evaluation:
+        session.execute(
+            update(Evaluation).where(Evaluation.job_id == job.id).values(status=JobStatus.queued)
+        )
+
+
+# -- batching: the queued jobs a writer takes along (workers/batching.py has the rules) ----
+
+
+def _compatible(method: str, overrides: Mapping[str, Any]) -> ColumnElement[bool]:
+    """Edit jobs the writer may batch with a job of ``method`` and ``overrides``.
+
+    JSONB equality compares the overrides as values (key order does not matter).
+    Jobs stored before batching existed have no ``batching`` key: ``auto``.
+    """
+    payload = type_coerce(Job.payload, JSONB)
+    return and_(
+        Job.kind == JobKind.edit,
+        payload["method"].astext == method,
+        payload["hparams"] == type_coerce(dict(overrides), JSONB),
+        func.coalesce(payload["batching"].astext, "auto") == "auto",
+    )
+
+
+def claim_batchable(
+    session: Session,
+    model_id: int,
+    method: str,
+    overrides: Mapping[str, Any],
+    limit: int,
+    claimed_by: str,
+) -> tuple[list[str], int]:
+    """Claim up to ``limit`` queued edit jobs of the model that can be batched with a
+    job of ``method``/``overrides``, oldest first, and mark them running.
+
+    Jobs locked by another transaction are skipped (``SKIP LOCKED``); only jobs
+    created before the oldest queued job that cannot be batched are taken (the
+    writer never reorders jobs: such a job is a barrier; evaluation jobs are none).
+    Returns the claimed job ids (oldest first) and how many queued edits they hold.
+    The caller commits.
+    """
+    if limit < 1:
+        return [], 0
+    compatible = _compatible(method, overrides)
+    barrier = (
+        select(func.min(Job.created_at))
+        .where(
+            Job.model_id == model_id,
+            Job.status == JobStatus.queued,
+            Job.kind != JobKind.evaluation,
+            not_(func.coalesce(compatible, false())),
+        )
+        .scalar_subquery()
+    )
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.model_id == model_id,
+                Job.status == JobStatus.queued,
+                compatible,
+                or_(barrier.is_(None), Job.created_at < barrier),
+            )
+            .order_by(Job.created_at, Job.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if not ids:
+        return [], 0
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(ids))
+        .values(
+            status=JobStatus.running,
+            started_at=func.coalesce(Job.started_at, _now()),
+            message=f"taken into the batches of job {claimed_by}",
+        )
+    )
+    n_edits = session.scalar(
+        select(func.count(Edit.id)).where(Edit.job_id.in_(ids), Edit.status == EditStatus.queued)
+    )
+    return ids, int(n_edits or 0)

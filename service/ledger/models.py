@@ -4,21 +4,21 @@ head, and their policies."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from service.errors import NotFound
+from service.errors import Conflict, NotFound
 from service.evaluations import EvaluationPolicy
 from service.ledger.tables import (
     Model,
     Version,
     VersionKind,
 )
-from service.settings import Settings
+from service.settings import ModelSpec, Settings
 
 log = logging.getLogger(__name__)
 
@@ -117,3 +117,66 @@ def model_policies(model: Model) -> list[EvaluationPolicy]:
                 "model %s: evaluation policy %d is invalid, skipped: %s", model.name, i, exc
             )
     return out
+
+
+# -- the worker's side -------------------------------------------------------------------
+
+
+class BaseMismatch(Conflict):
+    """The weights a worker loaded differ from the base version the ledger recorded."""
+
+
+def register_base(
+    session: Session,
+    name: str,
+    spec: ModelSpec,
+    *,
+    model_type: str,
+    base_hashes: Mapping[str, str],
+    code_version: str,
+) -> int:
+    """Make sure the model's row and its base version 0 exist and that ``base_hashes``
+    (the sha256 of every tensor of the loaded pristine weights) are version 0's.
+
+    Records the hashes in a version 0 that :func:`sync_models` wrote without them;
+    raises :class:`BaseMismatch` when they differ from recorded ones (another
+    checkpoint under the same name: a worker refuses to serve it rather than replay
+    deltas onto the wrong base). The caller retries on an ``IntegrityError`` (another
+    worker registered the model at the same time). Returns the model's id.
+    """
+    model = session.scalar(select(Model).where(Model.name == name))
+    if model is None:
+        model = Model(
+            name=name, source=spec.source, policy={"evaluations": spec.initial_evaluations()}
+        )
+        session.add(model)
+        session.flush()
+    model.architecture = model_type
+    model.policy = {**(model.policy or {}), **spec.policy()}
+    v0 = session.scalar(
+        select(Version).where(Version.model_id == model.id, Version.number == 0).with_for_update()
+    )
+    info = {"source": spec.source, "code_version": code_version}
+    if v0 is None:
+        session.add(
+            Version(
+                model_id=model.id,
+                number=0,
+                kind=VersionKind.base,
+                tensor_sha256=dict(base_hashes),
+                info=info,
+            )
+        )
+    elif not v0.tensor_sha256:
+        # written by sync_models before any worker loaded the model: record the hashes
+        v0.tensor_sha256 = dict(base_hashes)
+        v0.info = {**(v0.info or {}), **info}
+    elif v0.tensor_sha256 != dict(base_hashes):
+        differing = sorted(k for k in base_hashes if v0.tensor_sha256.get(k) != base_hashes[k])
+        raise BaseMismatch(
+            "model",
+            f"the weights loaded for {name!r} differ from the ledger's base version in "
+            f"{len(differing)} tensors (first: {differing[:3]}); refusing to serve",
+        )
+    session.flush()
+    return model.id

@@ -10,9 +10,11 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import ledger
+from service.ledger.edits import pending_edits
+from service.ledger.jobs import claim_batchable as claim_jobs
 from service.ledger.tables import Job, JobStatus
 from service.settings import ModelSpec, Settings
-from workers.batching import batch_size, claim_jobs, next_batch, pending_edits, plan_batches
+from workers.batching import batch_size, next_batch, plan_batches
 from workers.batching import subject_key as key
 from workers.editing.memit import MemitEditor
 from workers.editing.rome import RomeEditor

@@ -201,7 +201,7 @@ def test_registry_names_the_five_suites_the_service_knows() -> None:
 def test_the_job_resolves_paths_and_defaults_the_downstream_folder(tmp_path: Path) -> None:
     from types import SimpleNamespace  # noqa: PLC0415
 
-    from workers.evaluation_jobs import prepare_params  # noqa: PLC0415
+    from workers.jobs.evaluation import prepare_params  # noqa: PLC0415
 
     state: Any = SimpleNamespace(settings=SimpleNamespace(data_root=tmp_path))
     root = tmp_path.resolve()

@@ -21,7 +21,8 @@ from service.redis_clients import command_client
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests.tiny_models import tiny_model, word_tokenizer
 from workers.editing.common.stats import Steps
-from workers.worker import StartingWorker, load_state, set_state, startup_steps
+from workers.state import needs_state
+from workers.worker import StartingWorker, load_state, startup_steps
 
 MODEL = "tiny"
 EVENTS: list[str] = []
@@ -70,7 +71,11 @@ def _queues(settings: Settings, redis: Redis) -> list[Queue]:
 
 
 def _worker(
-    queues: list[Queue], steps: Steps[Any], reads_ok: bool, who: RecordingPresence
+    queues: list[Queue],
+    steps: Steps[Any],
+    reads_ok: bool,
+    who: RecordingPresence,
+    state: Any = None,
 ) -> StartingWorker:
     return StartingWorker(
         queues,
@@ -78,6 +83,7 @@ def _worker(
         read_queue=queues[0],
         reads_ok=reads_ok,
         presence=who,
+        state=state,
         connection=queues[0].connection,
     )
 
@@ -163,12 +169,13 @@ def tiny_settings(settings: Settings, tmp_path: Path) -> Settings:
     )
 
 
-def score_and_record(**kwargs: Any) -> dict[str, Any]:
+@needs_state
+def score_and_record(state: Any, **kwargs: Any) -> dict[str, Any]:
     """The worker's real score job, noting when it ran."""
-    from workers import jobs  # noqa: PLC0415
+    from workers.jobs import reads  # noqa: PLC0415
 
     EVENTS.append("read")
-    return jobs.score(**kwargs)
+    return reads.score(state, **kwargs)
 
 
 def test_a_real_start_up_answers_a_read_while_it_computes_the_statistics(
@@ -177,30 +184,26 @@ def test_a_real_start_up_answers_a_read_while_it_computes_the_statistics(
     """The tiny model's real start-up: the statistics in steps, a score request
     answered between two of them at version 0, ready at the end."""
     state = load_state(MODEL, tiny_settings)
-    set_state(state)
-    try:
-        reads, edits, evals = _queues(tiny_settings, redis_conn)
-        who = RecordingPresence(tiny_settings)
-        steps = startup_steps(state)
-        next(steps)  # the first batch of the statistics: a read arrives now
-        job = reads.enqueue(
-            f"{__name__}.score_and_record",
-            model=MODEL,
-            prompts=["Mozart was born in"],
-            targets=["Rome"],
-        )
-        worker = _worker([reads, edits, evals], steps, True, who)
-        worker.work(burst=True)
-        assert worker.startup_error is None
-        result = RqJob.fetch(job.id, connection=redis_conn).latest_result()
-        assert result is not None and result.return_value["version"] == 0
-        # answered before the next step of the statistics, and long before ready
-        after = EVENTS[EVENTS.index("read") + 1 :]
-        assert after[0] == "presence statistics"
-        assert after.count("presence statistics") >= 2
-        assert after[-1] == "presence ready"
-    finally:
-        set_state(None)
+    reads, edits, evals = _queues(tiny_settings, redis_conn)
+    who = RecordingPresence(tiny_settings)
+    steps = startup_steps(state)
+    next(steps)  # the first batch of the statistics: a read arrives now
+    job = reads.enqueue(
+        f"{__name__}.score_and_record",
+        model=MODEL,
+        prompts=["Mozart was born in"],
+        targets=["Rome"],
+    )
+    worker = _worker([reads, edits, evals], steps, True, who, state)
+    worker.work(burst=True)
+    assert worker.startup_error is None
+    result = RqJob.fetch(job.id, connection=redis_conn).latest_result()
+    assert result is not None and result.return_value["version"] == 0
+    # answered before the next step of the statistics, and long before ready
+    after = EVENTS[EVENTS.index("read") + 1 :]
+    assert after[0] == "presence statistics"
+    assert after.count("presence statistics") >= 2
+    assert after[-1] == "presence ready"
 
 
 def test_using_the_model_between_statistics_steps_changes_nothing(

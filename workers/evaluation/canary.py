@@ -100,3 +100,54 @@ def measure(
         recall=recall,
         seconds=time.perf_counter() - t0,
     )
+
+
+@dataclass(frozen=True)
+class Before:
+    """The canary of the parent version ``version`` over the recall sample ``cases``;
+    ``seconds`` spent measuring now (0 when everything was cached)."""
+
+    version: int
+    measurement: CanaryMeasurement
+    cases: tuple[RecallCase, ...]
+    seconds: float
+
+
+class CanaryCache:
+    """The canary of one version, measured once: a run of edits measures each version
+    once, because the canary measured on a committed update becomes the next update's
+    "before" (:meth:`committed`), and only recall cases that enter the sample later
+    are scored anew. The worker's guard and the benchmarks' guard both keep one."""
+
+    def __init__(self, n_texts: int) -> None:
+        self.texts = canary_texts(n_texts)
+        self._version: int | None = None
+        self._base: CanaryMeasurement | None = None
+        self._recall: dict[int, bool] = {}
+
+    def before(
+        self, model: torch.nn.Module, tok: Any, version: int, cases: Sequence[RecallCase]
+    ) -> Before:
+        """The canary of ``version`` (the model's current state) over ``cases``."""
+        t0 = time.perf_counter()
+        if self._base is None or self._version != version:
+            self._base = measure(model, tok, self.texts)
+            self._version, self._recall = version, {}
+        missing = [c for c in cases if c.key not in self._recall]
+        self._recall.update(measure_recall(model, tok, missing))
+        measurement = CanaryMeasurement(
+            perplexity=self._base.perplexity,
+            tokens=self._base.tokens,
+            recall={c.key: self._recall[c.key] for c in cases},
+        )
+        return Before(version, measurement, tuple(cases), time.perf_counter() - t0)
+
+    def after(self, model: torch.nn.Module, tok: Any, prior: Before) -> CanaryMeasurement:
+        """The canary of the staged update the model holds, over ``prior``'s cases."""
+        return measure(model, tok, self.texts, prior.cases)
+
+    def committed(self, number: int, after: CanaryMeasurement) -> None:
+        """The update measured as ``after`` became version ``number``."""
+        self._version = number
+        self._base = CanaryMeasurement(after.perplexity, after.tokens)
+        self._recall = dict(after.recall)

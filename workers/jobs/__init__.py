@@ -1,0 +1,72 @@
+"""The job functions the rq worker runs, by dotted path: ``workers.jobs.run_job``
+(edit, rollback and evaluation jobs of the ledger), ``workers.jobs.score`` and
+``workers.jobs.generate`` (reads). Each takes the worker's state first (passed by the
+worker, :func:`~workers.state.needs_state`); the queue carries the rest.
+
+The ledger is the truth: a job reads its input from Postgres, computes with the
+in-memory model, writes the artifacts, commits the new version in one transaction
+and only then lets the in-memory model move to it. If anything fails before the
+commit, the model is restored exactly, the job and its unapplied edits are marked
+failed with the reason, and the exception is re-raised so that rq records it too. A
+job whose ledger row is already finished does nothing.
+
+One module per kind: :mod:`~workers.jobs.edit`, :mod:`~workers.jobs.rollback`,
+:mod:`~workers.jobs.evaluation`, :mod:`~workers.jobs.reads`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from service.ledger import jobs as ledger_jobs
+from service.ledger.tables import JobKind
+from workers.jobs import edit, evaluation, reads, rollback
+from workers.jobs.common import fail, finish
+from workers.startup import sync_to_head
+from workers.state import WorkerState, needs_state
+
+log = logging.getLogger(__name__)
+
+
+@needs_state
+def run_job(state: WorkerState, job_id: str) -> dict[str, Any] | None:
+    """Run an edit, rollback or evaluation job from the ledger.
+
+    Only a ``queued`` job runs: a finished one, or one that a batch run of another
+    job took along (``running``), makes its rq entry a no-op. An edit job may take
+    other queued edit jobs along (:mod:`workers.batching`).
+    """
+    with state.ledger() as s:
+        job = ledger_jobs.start_job(s, job_id, state.model_id)
+        if job is None:
+            current = ledger_jobs.get_job(s, job_id)
+            log.info("job %s is %s; nothing to do", job_id, current.status.value)
+            return current.result
+        kind = job.kind
+    log.info("job %s (%s) started", job_id, kind.value)
+    if kind is JobKind.edit:
+        return edit.run_edits(state, job_id)
+    if kind is JobKind.evaluation:
+        return evaluation.run_evaluation(state, job_id)
+    try:
+        sync_to_head(state)
+        result = rollback.run_rollback(state, job_id)
+    except Exception as exc:
+        fail(state, job_id, exc)
+        raise
+    finish(state, [job_id], result)
+    log.info("job %s succeeded: %s", job_id, result.get("versions"))
+    return result
+
+
+@needs_state
+def score(state: WorkerState, model: str, prompts: list[str], targets: list[str]) -> dict[str, Any]:
+    """Mean per-token log-probability of ``" " + target`` after each prompt, at head."""
+    return reads.score(state, model, prompts, targets)
+
+
+@needs_state
+def generate(state: WorkerState, model: str, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """Greedy continuation of ``prompt`` at head."""
+    return reads.generate(state, model, prompt, max_new_tokens)
