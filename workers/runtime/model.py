@@ -30,297 +30,23 @@ The ledger is read by the caller; this module sees versions as plain
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from transformers.pytorch_utils import Conv1D
 
 from service.ledger.records import ChainError, VersionRecord, plan_replay, same_state_versions
 from workers.artifacts import ArtifactStore
-from workers.editing.registry import get_adaptor
 from workers.editing.types import DenseUpdate, LowRankUpdate, ModuleState, Update, WeightDelta
 from workers.models.loading import LoadedModel
+from workers.runtime import snapshots
+from workers.runtime.hashing import IntegrityError, tensor_sha256
+from workers.runtime.staged import Drift, Staged, SyncReport
+from workers.runtime.states import AuxState, ChainState, ModuleStates
 
 log = logging.getLogger(__name__)
-
-SNAPSHOT_FORMAT = "1"
-_ACC = "acc:"  # snapshot key prefix of parameter accumulators
-_SNAPSHOT_KEY = "memedit_snapshot"
-
-
-class IntegrityError(RuntimeError):
-    """A rebuilt state does not hash to what the ledger recorded (or a snapshot is
-    not the version it claims to be). The runtime refuses to serve it."""
-
-
-def tensor_sha256(t: torch.Tensor) -> str:
-    """sha256 over ``"<dtype>:<shape>:"`` and the tensor's raw bytes (computed on CPU).
-
-    Works for every dtype (bf16/fp16 included) because the bytes are read through a
-    ``uint8`` view of the contiguous tensor, not through NumPy's dtypes.
-    """
-    flat = t.detach().contiguous().cpu().reshape(-1)
-    h = hashlib.sha256()
-    dtype = str(flat.dtype).removeprefix("torch.")
-    h.update(f"{dtype}:{','.join(str(s) for s in t.shape)}:".encode())
-    if flat.numel():
-        h.update(flat.view(torch.uint8).numpy())
-    return h.hexdigest()
-
-
-# -- method state besides the weights ------------------------------------------------------
-class ChainState(Protocol):
-    """Extension point: method state that belongs to a version besides the weights.
-
-    It is replayed with the deltas, snapshotted with the accumulators and hashed
-    under ``prefix + name``. :class:`AuxState` is the additive kind (AlphaEdit's
-    K Kᵀ); :class:`ModuleStates` the replacing kind (GRACE's codebook), whose
-    ``apply``/``restore``/``load``/``reset`` also (re)install its adaptor on the model.
-    ``tensors`` may have any dtype; snapshots keep it.
-    """
-
-    prefix: str
-
-    def validate(self, delta: WeightDelta) -> None: ...
-    def apply(self, delta: WeightDelta) -> None: ...
-    def checkpoint(self) -> object: ...
-    def restore(self, token: object) -> None: ...
-    def reset(self) -> None: ...
-    def tensors(self) -> dict[str, torch.Tensor]: ...
-    def load(self, tensors: Mapping[str, torch.Tensor]) -> None: ...
-
-
-class AuxState:
-    """Additive fp32 method state: ``aux[name] = Σ increments`` over the chain, summed
-    in ledger order. A delta's increments are its dense ``aux`` tensors and its
-    ``aux_factors`` K densified to K Kᵀ (``WeightDelta.aux_increments``: a fixed-order
-    fp64 sum rounded once), so replay is bit-exact whatever the thread count."""
-
-    prefix = "aux:"
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.values: dict[str, torch.Tensor] = {}
-
-    def validate(self, delta: WeightDelta) -> None:
-        shapes = [(name, tuple(t.shape)) for name, t in delta.aux.items()]
-        for name, k in delta.aux_factors.items():
-            if k.dim() != 2:
-                raise ValueError(f"aux factor {name!r} is not a matrix: {tuple(k.shape)}")
-            shapes.append((name, (k.shape[0], k.shape[0])))
-        for name, shape in shapes:
-            have = self.values.get(name)
-            if have is not None and tuple(have.shape) != shape:
-                raise ValueError(
-                    f"aux state {name!r} has shape {tuple(have.shape)}, the delta adds {shape}"
-                )
-
-    def apply(self, delta: WeightDelta) -> None:
-        for name, t in delta.aux_increments():
-            add = t.to(device=self.device, dtype=torch.float32)
-            have = self.values.get(name)
-            # out of place: checkpoints hold references to the old tensors
-            self.values[name] = add.clone() if have is None else have + add
-
-    def checkpoint(self) -> object:
-        return dict(self.values)
-
-    def restore(self, token: object) -> None:
-        if not isinstance(token, dict):
-            raise TypeError("not an AuxState checkpoint")
-        self.values = dict(token)
-
-    def reset(self) -> None:
-        self.values = {}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return dict(self.values)
-
-    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        self.values = {k: v.to(device=self.device, dtype=torch.float32) for k, v in tensors.items()}
-
-
-_MODULE_PATH = "module"  # ModuleStates.tensors(): "<name>.module" = utf-8 bytes of the path
-
-
-class ModuleStates:
-    """Non-additive adaptor state (:class:`ModuleState` by adaptor name, e.g. GRACE's
-    codebook ``"grace"``): a version's state of a name is the one set by the latest
-    delta on its chain that sets it — replaced, never summed — so replay, rollback
-    and discard are exact copies.
-
-    While a state exists, the runtime owns one forward hook on its module (registered
-    first, ``prepend=True``, so every other hook sees the served output). The hook
-    reads the *current* state at each call and applies the adaptor
-    (``workers.editing.registry.get_adaptor(name).forward``); with no state (version
-    0, or after a rollback past the first such edit) no hook is left on the model.
-
-    Hash names are ``state:<name>.<tensor>`` plus ``state:<name>.module`` (the module
-    path as utf-8 bytes), so the ledger's ``tensor_sha256`` and snapshots cover where
-    the adaptor sits as well as its tensors.
-    """
-
-    prefix = "state:"
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.values: dict[str, ModuleState] = {}
-        self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
-
-    def _module(self, path: str) -> torch.nn.Module:
-        try:
-            return self.model.get_submodule(path)
-        except AttributeError:
-            raise ValueError(f"the model has no module {path!r}") from None
-
-    def validate(self, delta: WeightDelta) -> None:
-        for name, state in delta.modules.items():
-            if not state.is_finite():
-                raise ValueError(f"refusing module state {name!r} with non-finite values")
-            get_adaptor(name).validate(state, self._module(state.module))
-
-    def apply(self, delta: WeightDelta) -> None:
-        if not delta.modules:
-            return
-        values = dict(self.values)  # a new dict: checkpoints hold the old one
-        for name, state in delta.modules.items():
-            device = _device_of(self._module(state.module))
-            values[name] = ModuleState(
-                state.module,
-                {k: t.detach().contiguous().to(device).clone() for k, t in state.tensors.items()},
-            )
-        self.values = values
-        self._install()
-
-    def checkpoint(self) -> object:
-        return dict(self.values)
-
-    def restore(self, token: object) -> None:
-        if not isinstance(token, dict):
-            raise TypeError("not a ModuleStates checkpoint")
-        self.values = dict(token)
-        self._install()
-
-    def reset(self) -> None:
-        self.values = {}
-        self._install()
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for name, state in self.values.items():
-            path = torch.frombuffer(bytearray(state.module.encode()), dtype=torch.uint8)
-            out[f"{name}.{_MODULE_PATH}"] = path
-            for key, t in state.tensors.items():
-                out[f"{name}.{key}"] = t
-        return out
-
-    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        grouped: dict[str, dict[str, torch.Tensor]] = {}
-        for full, t in tensors.items():
-            name, _, key = full.partition(".")
-            grouped.setdefault(name, {})[key] = t
-        values: dict[str, ModuleState] = {}
-        for name, group in grouped.items():
-            path = group.pop(_MODULE_PATH, None)
-            if path is None:
-                raise IntegrityError(f"snapshot module state {name!r} names no module")
-            state = ModuleState(bytes(path.to(torch.uint8).tolist()).decode(), group)
-            self.validate(WeightDelta(method="snapshot", modules={name: state}))
-            values[name] = state
-        self.values = {}
-        self.apply(WeightDelta(method="snapshot", modules=values))
-        self._install()
-
-    # -- the adaptor hooks ----------------------------------------------------------
-    def _install(self) -> None:
-        """Exactly one hook on every module that some current state names."""
-        wanted = {state.module for state in self.values.values()}
-        for path in [p for p in self._hooks if p not in wanted]:
-            self._hooks.pop(path).remove()
-        for path in sorted(wanted - set(self._hooks)):
-            self._hooks[path] = self._module(path).register_forward_hook(
-                self._hook(path), prepend=True
-            )
-
-    def _hook(self, path: str) -> Callable[..., torch.Tensor | None]:
-        def hook(_module: torch.nn.Module, args: tuple, output: object) -> torch.Tensor | None:
-            if not isinstance(output, torch.Tensor) or not args:
-                raise TypeError(f"adaptor on {path}: expected a tensor in and a tensor out")
-            out: torch.Tensor | None = None
-            for name in sorted(self.values):
-                state = self.values[name]
-                if state.module == path:
-                    new = get_adaptor(name).forward(
-                        state.tensors, args[0], output if out is None else out
-                    )
-                    out = new if new is not None else out
-            return out
-
-        return hook
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
-# -- results -----------------------------------------------------------------------------
-class Drift(NamedTuple):
-    """Per touched parameter: ``per_row`` = ‖W − W₀‖_F / rows (rows = d_out in
-    nn.Linear orientation, as Gupta et al. normalise), ``relative`` = ‖W − W₀‖_F / ‖W₀‖_F."""
-
-    per_row: dict[str, float]
-    relative: dict[str, float]
-
-
-@dataclass
-class Staged:
-    """A delta applied tentatively on top of version ``parent_version``.
-
-    ``tensor_sha256``, ``drift`` and ``drift_relative`` cover every parameter touched
-    on the chain so far (this delta included; hashes also cover method state as
-    ``"aux:<name>"``); ``update_norm`` is ‖ΔW‖_F of this delta over all its parameters.
-    """
-
-    parent_version: int
-    params: tuple[str, ...]
-    tensor_sha256: dict[str, str]
-    drift: dict[str, float]
-    drift_relative: dict[str, float]
-    update_norm: float
-    _runtime: ModelRuntime | None = field(repr=False, default=None)
-    _prev_acc: dict[str, torch.Tensor | None] = field(repr=False, default_factory=dict)
-    _prev_states: list[object] = field(repr=False, default_factory=list)
-
-    @property
-    def number(self) -> int:
-        """The version this stage becomes when committed (an edit's parent is N − 1)."""
-        return self.parent_version + 1
-
-    def snapshot_bytes(self) -> bytes:
-        """Snapshot of the staged state, as version :attr:`number` (while still pending)."""
-        if self._runtime is None or self._runtime._staged is not self:
-            raise RuntimeError("this Staged is no longer pending")
-        return self._runtime._snapshot(self.number)
-
-
-@dataclass(frozen=True)
-class SyncReport:
-    version: int
-    start: str  # "current" | "base" | "snapshot"
-    start_number: int
-    replayed: tuple[int, ...]
-    restored: tuple[str, ...]  # parameters set back to pristine
-    verified: int  # number of recorded hashes checked
-    unverified: tuple[str, ...]  # touched parameters the record has no hash for
 
 
 # -- the runtime -------------------------------------------------------------------------
@@ -721,45 +447,22 @@ class ModelRuntime:
         return self._snapshot(self.current_version)
 
     def _snapshot(self, version: int) -> bytes:
-        tensors = {_ACC + n: t.detach().contiguous().cpu() for n, t in self._acc.items()}
-        for s in self.states:
-            for k, t in s.tensors().items():
-                tensors[s.prefix + k] = t.detach().contiguous().cpu()
-        # one metadata key: safetensors writes several keys in an arbitrary order,
-        # and the snapshot's bytes should be a function of the state alone
-        header = {"format": SNAPSHOT_FORMAT, "version": version, "params": sorted(self._acc)}
-        meta = {_SNAPSHOT_KEY: json.dumps(header, sort_keys=True)}
-        return st_save(tensors, metadata=meta)
+        return snapshots.encode(version, self._acc, self.states)
 
     def _load_snapshot(
         self, rec: VersionRecord, store: ArtifactStore, same_state: Iterable[int]
     ) -> dict[str, torch.Tensor]:
-        """Accumulators from ``rec``'s snapshot, which may have been taken at any
-        version in ``same_state`` (``rec`` and, through rollbacks, the versions it
-        equals)."""
+        """Accumulators from ``rec``'s snapshot (:func:`workers.runtime.snapshots.decode`);
+        the method states are loaded from it."""
         if rec.snapshot_path is None:
             raise ChainError(f"version {rec.number} has no snapshot")
         blob = store.get(rec.snapshot_path, rec.snapshot_sha256)
-        try:
-            header = json.loads(_metadata(blob)[_SNAPSHOT_KEY])
-        except (KeyError, ValueError):
-            raise IntegrityError(
-                f"snapshot of version {rec.number} is not a memedit snapshot"
-            ) from None
-        if header.get("format") != SNAPSHOT_FORMAT:
-            raise IntegrityError(
-                f"snapshot of version {rec.number} has format {header.get('format')!r}"
-            )
-        if header.get("version") not in set(same_state):
-            raise IntegrityError(
-                f"snapshot stored for version {rec.number} is of version {header.get('version')}"
-            )
-        tensors = st_load(blob)
+        header, tensors = snapshots.decode(blob, rec, same_state)
         acc: dict[str, torch.Tensor] = {}
         for name in header["params"]:
             canon = self.canonical(name)
             p = self._params[canon]
-            t = tensors[_ACC + name]
+            t = tensors[snapshots.ACC + name]
             if tuple(t.shape) != tuple(p.shape) or t.dtype != torch.float32:
                 raise IntegrityError(f"snapshot tensor {name} does not fit the model")
             acc[canon] = t.to(p.device)
@@ -770,9 +473,3 @@ class ModelRuntime:
 
 def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous().to(device)
-
-
-def _metadata(blob: bytes) -> dict[str, Any]:
-    """safetensors ``__metadata__`` (8-byte little-endian header length, then JSON)."""
-    n = int.from_bytes(blob[:8], "little")
-    return dict(json.loads(blob[8 : 8 + n]).get("__metadata__") or {})
