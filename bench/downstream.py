@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from workers.evaluation.downstream import DEFAULT_SHOTS, DEFAULT_TASKS, LOCAL_TASKS, run_suite
+from workers.evaluation.downstream import run_suite
+from workers.evaluation.downstream_tasks import DEFAULT_SHOTS, DEFAULT_TASKS, LOCAL_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("MEMEDIT_SHARED_DATA", REPO.parent / "shared" / "data"))

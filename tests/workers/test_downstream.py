@@ -23,14 +23,13 @@ from transformers import AutoModelForCausalLM
 
 from tests.downstream_examples import examples_dir
 from tests.tiny_models import changed_tensors, char_tokenizer, state_copy, tiny_config, tiny_model
-from workers.evaluation.downstream import (
+from workers.evaluation.downstream import run_suite, weighted_f1
+from workers.evaluation.downstream_tasks import (
     DEFAULT_SHOTS,
     LOCAL_TASKS,
     parse_params,
     read_task_file,
     render_prompt,
-    run_suite,
-    weighted_f1,
 )
 
 REPO = Path(__file__).resolve().parents[2]
