@@ -34,10 +34,10 @@ from typing import Any, Protocol
 
 import torch
 
-from service.hparams import defaults_for, with_overrides
 from workers.artifacts import ArtifactStore
 from workers.editing.common.base import EditError
 from workers.editing.common.stats import StatsCache, stats_provider
+from workers.editing.hparams import defaults_for, with_overrides
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest
 from workers.evaluation.scoring import paired_target_logprobs

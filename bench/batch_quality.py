@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.edit_speed import _request, known_records  # noqa: E402
-from service.hparams import defaults_for, with_overrides  # noqa: E402
 from workers.editing.common.hooks import patched_weights  # noqa: E402
 from workers.editing.common.stats import StatsCache, stats_provider  # noqa: E402
+from workers.editing.hparams import defaults_for, with_overrides  # noqa: E402
 from workers.editing.registry import get_editor  # noqa: E402
 from workers.editing.types import EditContext, EditRequest  # noqa: E402
 from workers.evaluation.scoring import counterfact_scores  # noqa: E402

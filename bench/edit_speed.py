@@ -67,8 +67,8 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    from service.hparams import defaults_for
     from workers.editing.common.stats import StatsCache, stats_provider
+    from workers.editing.hparams import defaults_for
     from workers.editing.registry import get_editor
     from workers.editing.types import EditContext, EditRequest
     from workers.evaluation.scoring import counterfact_scores

@@ -40,7 +40,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from service.hparams import defaults_for, hparams_class, with_overrides
+    from workers.editing.hparams import defaults_for, hparams_class, with_overrides
     from workers.editing.registry import get_editor
     from workers.editing.types import EditContext, EditRequest
     from workers.evaluation.scoring import counterfact_scores

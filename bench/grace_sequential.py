@@ -91,7 +91,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from service.hparams import defaults_for, with_overrides  # noqa: PLC0415
+    from workers.editing.hparams import defaults_for, with_overrides  # noqa: PLC0415
     from workers.editing.registry import get_editor  # noqa: PLC0415
     from workers.editing.types import EditContext  # noqa: PLC0415
     from workers.evaluation.scoring import counterfact_scores  # noqa: PLC0415

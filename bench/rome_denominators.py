@@ -44,11 +44,11 @@ if str(REPO) not in sys.path:  # run as a script: ``bench`` is a folder of the c
     sys.path.insert(0, str(REPO))
 
 from bench._editrun import CACHE, DATA, MODEL_SOURCE, git_head, load_records, request_of  # noqa: E402
-from service.hparams import defaults_for  # noqa: E402
 from workers.editing.common.base import second_moment_or_identity  # noqa: E402
 from workers.editing.common.keys import read_keys  # noqa: E402
 from workers.editing.common.stats import StatsCache, stats_provider  # noqa: E402
 from workers.editing.common.templates import context_templates  # noqa: E402
+from workers.editing.hparams import defaults_for  # noqa: E402
 from workers.editing.types import EditContext  # noqa: E402
 from workers.models.loading import weights_fingerprint  # noqa: E402
 from workers.models.profiles import profile_for  # noqa: E402

@@ -23,9 +23,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.hparams import defaults_for  # noqa: E402
 from workers.editing.common import solves  # noqa: E402
 from workers.editing.common.stats import StatsCache  # noqa: E402
+from workers.editing.hparams import defaults_for  # noqa: E402
 from workers.editing.types import EditContext  # noqa: E402
 from workers.models.loading import load_model, weights_fingerprint  # noqa: E402
 from workers.models.profiles import profile_for  # noqa: E402

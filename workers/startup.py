@@ -27,7 +27,6 @@ from sqlalchemy.orm import Session
 
 from service import VERSION
 from service.db import get_engine, session_scope
-from service.hparams import METHODS, defaults_for, with_overrides
 from service.models import (
     Artifact,
     Evaluation,
@@ -40,6 +39,7 @@ from service.models import (
 )
 from workers.editing.common.base import EditError
 from workers.editing.common.stats import StatsCache, Steps, stats_provider
+from workers.editing.hparams import METHODS, defaults_for, with_overrides
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext
 from workers.models.loading import weights_fingerprint

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.hparams import defaults_for
 from workers.editing.common.hooks import patched_weights
 from workers.editing.common.stats import StatsCache, stats_provider
+from workers.editing.hparams import defaults_for
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest, WeightDelta
 from workers.evaluation.scoring import counterfact_scores

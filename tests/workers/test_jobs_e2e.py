@@ -21,11 +21,11 @@ from sqlalchemy import Engine, select
 
 from service.api import create_app
 from service.db import session_scope
-from service.hparams import hparams_class
 from service.models import Artifact, Version
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
+from workers.editing.hparams import hparams_class
 from workers.editing.types import DenseUpdate, WeightDelta
 from workers.worker import WorkerState
 

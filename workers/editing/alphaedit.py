@@ -35,10 +35,10 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import AlphaEditHParams
 from workers.editing.common.base import EditError, check_requests
 from workers.editing.common.solves import alphaedit_right, nullspace_basis
 from workers.editing.common.window import d_in_of, edit_window, window_params
+from workers.editing.hparams import AlphaEditHParams
 from workers.editing.types import EditContext, EditRequest, WeightDelta
 
 log = logging.getLogger(__name__)

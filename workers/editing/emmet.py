@@ -27,10 +27,10 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import EmmetHParams
 from workers.editing.common.base import EditError, check_requests
 from workers.editing.common.solves import emmet_right, stats_factor
 from workers.editing.common.window import d_in_of, edit_window, window_params
+from workers.editing.hparams import EmmetHParams
 from workers.editing.types import EditContext, EditRequest, LowRankUpdate, WeightDelta
 from workers.models.profiles import profile_for
 

@@ -44,12 +44,12 @@ import torch
 from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import FtCHParams, FtLHParams
 from workers.editing.common.base import EditError, check_requests
 from workers.editing.common.hooks import frozen_eval, get_parameter
 from workers.editing.common.prompts import PromptRows, RowBuilder
 from workers.editing.common.replay import BlockReplay
 from workers.editing.common.tokens import target_ids
+from workers.editing.hparams import FtCHParams, FtLHParams
 from workers.editing.types import DenseUpdate, EditContext, EditRequest, WeightDelta
 from workers.models.profiles import ArchProfile, profile_for
 

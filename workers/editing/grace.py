@@ -45,11 +45,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import GraceHParams
 from workers.editing.common.base import EditError, check_requests
 from workers.editing.common.codebook import Codebook, codebook_output, module_dims
 from workers.editing.common.hooks import forward_hooks, frozen_eval, get_module, run_forward
 from workers.editing.common.tokens import target_ids
+from workers.editing.hparams import GraceHParams
 from workers.editing.types import EditContext, EditRequest, ModuleState, WeightDelta
 from workers.models.profiles import profile_for
 

@@ -23,10 +23,10 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import MemitHParams
 from workers.editing.common.base import EditError, check_requests
 from workers.editing.common.solves import memit_right, stats_factor
 from workers.editing.common.window import d_in_of, edit_window, window_params
+from workers.editing.hparams import MemitHParams
 from workers.editing.types import EditContext, EditRequest, WeightDelta
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,10 @@
 """The editing methods by id: one explicit dict, checked at import.
 
-The id is the same string in the API, the hparams (``service.hparams.METHODS``), the
-ledger and the metrics. Adding a method: write ``editing/<id>.py`` with an
-``Editor`` class, add it to ``_EDITOR_CLASSES`` and its hparams to
-``service/hparams.py``.
+The id is the same string in the API, the hparams
+(``workers.editing.hparams.METHODS``), the ledger and the metrics. Adding a method:
+write ``editing/<id>.py`` with an ``Editor`` class, add it to ``_EDITOR_CLASSES``, and
+its hparams class as ``editing/hparams/<id>.py``, added to
+``workers/editing/hparams/methods.py``.
 
 Adaptors (``ADAPTORS``) are the forward-pass changes that non-additive method state
 needs (a :class:`~workers.editing.types.ModuleState` in a delta's ``modules``, by
@@ -20,12 +21,12 @@ import torch
 from pydantic import BaseModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import METHODS
 from workers.editing.alphaedit import AlphaEditEditor
 from workers.editing.common.codebook import GraceAdaptor
 from workers.editing.emmet import EmmetEditor
 from workers.editing.ft import FtCEditor, FtLEditor
 from workers.editing.grace import GraceEditor
+from workers.editing.hparams import METHODS
 from workers.editing.memit import MemitEditor
 from workers.editing.rome import RomeEditor, RomeOriginalEditor
 from workers.editing.types import EditContext, EditRequest, ModuleState, WeightDelta
@@ -64,7 +65,7 @@ def _build(classes: Sequence[type]) -> dict[str, type]:
             raise RegistryError(f"duplicate editing method id {cls.name!r}")
         out[cls.name] = cls
     if tuple(out) != METHODS:
-        raise RegistryError(f"registry {tuple(out)} does not match service.hparams.METHODS")
+        raise RegistryError(f"registry {tuple(out)} does not match workers.editing.hparams.METHODS")
     return out
 
 

@@ -46,7 +46,6 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import RomeHParams, RomeOriginalHParams
 from workers.editing.common.base import (
     EditError,
     check_requests,
@@ -57,6 +56,7 @@ from workers.editing.common.hooks import frozen_eval, get_parameter
 from workers.editing.common.keys import read_keys
 from workers.editing.common.targets import optimise_targets
 from workers.editing.common.templates import context_templates
+from workers.editing.hparams import RomeHParams, RomeOriginalHParams
 from workers.editing.types import EditContext, EditRequest, LowRankUpdate, WeightDelta
 from workers.models.profiles import profile_for
 

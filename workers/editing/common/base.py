@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from service.hparams import (
+from workers.editing.common.targets import TargetSettings
+from workers.editing.hparams import (
     AlphaEditHParams,
     EmmetHParams,
     MemitHParams,
     RomeHParams,
     RomeOriginalHParams,
 )
-from workers.editing.common.targets import TargetSettings
 
 # the locate-then-edit methods: a v* optimisation, keys, statistics
 EditHParams = RomeHParams | RomeOriginalHParams | MemitHParams | EmmetHParams | AlphaEditHParams
