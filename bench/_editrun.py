@@ -42,7 +42,7 @@ from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest
 from workers.evaluation.scoring import paired_target_logprobs
 from workers.models.loading import weights_fingerprint
-from workers.models.profiles import profile_for
+from workers.models.profiles import d_mlp, profile_for
 from workers.runtime import ModelRuntime, Staged, VersionRecord, tensor_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,12 +224,6 @@ def run_name(method: str, batch_size: int, n: int) -> str:
     return f"{method}-b{batch_size}-n{n}"
 
 
-def _d_mlp(model: torch.nn.Module) -> int:
-    profile = profile_for(model)
-    shape = model.get_parameter(profile.mlp_out_param(0)).shape
-    return int(shape[0] if profile.transposed else shape[1])
-
-
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
@@ -282,7 +276,7 @@ def run_sequential(
     store = ArtifactStore(out_dir / "state" / name)
     cfg = model.config
     profile = profile_for(model)
-    base_hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, _d_mlp(model))
+    base_hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, d_mlp(model))
     hp = with_overrides(base_hp, overrides)
     editor = get_editor(method)
     per_delta = getattr(editor, "max_requests_per_delta", None)

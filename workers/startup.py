@@ -43,7 +43,7 @@ from workers.editing.hparams import METHODS, defaults_for, with_overrides
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext
 from workers.models.loading import weights_fingerprint
-from workers.models.profiles import profile_for
+from workers.models.profiles import d_mlp, profile_for
 from workers.runtime import IntegrityError, VersionRecord
 from workers.worker import WorkerState
 
@@ -250,14 +250,8 @@ def resolve_hparams(state: WorkerState, method: str, overrides: dict[str, Any] |
     """The method's defaults for this model's architecture, with the job's overrides."""
     rt = state.runtime
     cfg = rt.model.config
-    base = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, _d_mlp(rt.model))
+    base = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, d_mlp(rt.model))
     return with_overrides(base, overrides)
-
-
-def _d_mlp(model: Any) -> int:
-    profile = profile_for(model)
-    shape = model.get_parameter(profile.mlp_out_param(0)).shape
-    return int(shape[0] if profile.transposed else shape[1])
 
 
 def stats_cache(state: WorkerState) -> StatsCache:

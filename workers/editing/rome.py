@@ -93,7 +93,7 @@ class RomeEditor:
         settings = target_settings(model, hparams)
         module, param = profile.mlp_out_module(layer), profile.mlp_out_param(layer)
         weight = get_parameter(model, param)
-        d_in = weight.shape[0] if profile.transposed else weight.shape[1]
+        d_in = profile.d_in(weight.shape)
         with frozen_eval(model):
             ctx.progress(0.0, "context templates")
             templates = context_templates(model, tok, hparams.context_template_length_params, ctx)

@@ -16,6 +16,7 @@ This module imports no torch: the hyper-parameters' defaults
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -117,6 +118,11 @@ class ArchProfile:
     def mlp_out_param(self, i: int) -> str:
         return self.mlp_out.format(i) + ".weight"
 
+    def d_in(self, shape: Sequence[int]) -> int:
+        """The input width of a projection weight of ``shape`` in this architecture's
+        layout: ``[d_out, d_in]`` (``nn.Linear``) or ``[d_in, d_out]`` (Conv1D)."""
+        return int(shape[0] if self.transposed else shape[1])
+
     def layer_of_param(self, param: str) -> int | None:
         """Layer index of a parameter name under ``layers``, or None."""
         prefix = self.layers + "."
@@ -202,3 +208,10 @@ def profile_for(model: torch.nn.Module) -> ArchProfile:
 
 def num_layers(model: torch.nn.Module) -> int:
     return int(model.config.num_hidden_layers)
+
+
+def d_mlp(model: torch.nn.Module) -> int:
+    """The MLP width: the key width d_in of the MLP output projection (layer 0's), the
+    ``d_mlp`` that the hyper-parameters' defaults scale λ with."""
+    profile = profile_for(model)
+    return profile.d_in(model.get_parameter(profile.mlp_out_param(0)).shape)

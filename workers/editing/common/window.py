@@ -64,8 +64,7 @@ class WindowEdit:
 
 def d_in_of(model: PreTrainedModel, param: str) -> int:
     """The key width of an MLP output projection (GPT-2's Conv1D is ``[d_in, d_out]``)."""
-    shape = get_parameter(model, param).shape
-    return int(shape[0] if profile_for(model).transposed else shape[1])
+    return profile_for(model).d_in(get_parameter(model, param).shape)
 
 
 def window_params(model: PreTrainedModel, hparams: EditHParams) -> list[str]:
