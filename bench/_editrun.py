@@ -279,7 +279,7 @@ def run_sequential(
     base_hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, d_mlp(model))
     hp = with_overrides(base_hp, overrides)
     editor = get_editor(method)
-    per_delta = getattr(editor, "max_requests_per_delta", None)
+    per_delta = editor.max_requests_per_delta
     batches = plan_batches(records, batch_size)
     fingerprint = weights_fingerprint(model)  # of the base weights, before any edit
     header = {

@@ -303,7 +303,7 @@ def warm_steps(state: WorkerState) -> Steps[None]:
     wanted: dict[tuple[str, int, int], set[int]] = {}
     for method in METHODS:
         hp = resolve_hparams(state, method, None)
-        if getattr(hp, "mom2_adjustment", False):
+        if get_editor(method).uses_statistics and hp.mom2_adjustment:
             key = (hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_sample_tokens)
             wanted.setdefault(key, set()).update(hp.layers)
     profile = profile_for(state.runtime.model)
@@ -325,7 +325,7 @@ def warm_steps(state: WorkerState) -> Steps[None]:
             yield _STATISTICS_SHARE * (i + fraction) / passes, f"statistics: {message}"
         last = -1.0
     seconds: dict[str, float] = {}
-    preparing = [m for m in METHODS if getattr(get_editor(m), "prepare", None) is not None]
+    preparing = [m for m in METHODS if get_editor(m).prepares]
     for j, method in enumerate(preparing):
         yield (
             _STATISTICS_SHARE + (1 - _STATISTICS_SHARE) * j / len(preparing),
@@ -350,7 +350,7 @@ def _prepare_editor(state: WorkerState, method: str) -> float | None:
         state=rt.method_state(),
     )
     try:
-        get_editor(method).prepare(rt.model, hp, ctx)  # type: ignore[attr-defined]
+        get_editor(method).prepare(rt.model, hp, ctx)
     except EditError as exc:
         # the method's defaults do not fit this model (e.g. no null space for
         # AlphaEdit): its edits will fail with this reason, the others still work

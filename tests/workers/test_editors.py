@@ -32,6 +32,7 @@ from workers.editing.common.keys import read_keys
 from workers.editing.common.prompts import RowBuilder
 from workers.editing.common.targets import _SplitRun
 from workers.editing.common.tokens import PromptError, fill, subject_last_index
+from workers.editing.editor import Editor
 from workers.editing.hparams import (
     HPARAMS_CLASSES,
     METHODS,
@@ -49,7 +50,7 @@ from workers.runtime import ModelRuntime
 
 
 def requests_for(method: str) -> list[EditRequest]:
-    per_delta = getattr(registry.EDITORS[method], "max_requests_per_delta", None)
+    per_delta = registry.EDITORS[method].max_requests_per_delta
     return REQUESTS[:per_delta] if per_delta else REQUESTS
 
 
@@ -403,6 +404,10 @@ def test_registry_is_explicit_and_checked():
         assert isinstance(editor, registry.Editor)
         assert editor.name == method
         assert editor.hparams_cls.model_fields["method"].default == method
+        # capabilities are declared: the statistics exactly where the hparams have them
+        assert editor.uses_statistics == uses_statistics(method)
+        assert editor.max_requests_per_delta == (1 if method.startswith("rome") else None)
+    assert [m for m in METHODS if registry.EDITORS[m].prepares] == ["memit", "emmet", "alphaedit"]
     with pytest.raises(registry.RegistryError, match="duplicate"):
         registry._build([registry.RomeEditor, registry.RomeEditor])
     with pytest.raises(registry.UnknownEditor):
@@ -413,3 +418,16 @@ def test_registry_is_explicit_and_checked():
         registry._build_adaptors([registry.GraceAdaptor, registry.GraceAdaptor])
     with pytest.raises(registry.UnknownAdaptor):
         registry.get_adaptor("lora")
+
+
+def test_editor_declares_prepare_when_it_has_one():
+    with pytest.raises(TypeError, match="prepares=True"):
+
+        class _Claims(Editor):  # declares a preparation it does not have
+            prepares = True
+
+    with pytest.raises(TypeError, match="prepares=False"):
+
+        class _Hides(Editor):  # has one and does not declare it
+            def prepare(self, model, hparams, ctx) -> None:
+                pass
