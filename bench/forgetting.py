@@ -451,7 +451,7 @@ def picked_records(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from service.hparams import METHODS as ALL  # noqa: PLC0415
+    from workers.editing.hparams import METHODS as ALL  # noqa: PLC0415
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=ALL)

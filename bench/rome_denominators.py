@@ -44,11 +44,11 @@ if str(REPO) not in sys.path:  # run as a script: ``bench`` is a folder of the c
     sys.path.insert(0, str(REPO))
 
 from bench._editrun import CACHE, DATA, MODEL_SOURCE, git_head, load_records, request_of  # noqa: E402
-from service.hparams import defaults_for  # noqa: E402
 from workers.editing.common.base import second_moment_or_identity  # noqa: E402
 from workers.editing.common.keys import read_keys  # noqa: E402
 from workers.editing.common.stats import StatsCache, stats_provider  # noqa: E402
 from workers.editing.common.templates import context_templates  # noqa: E402
+from workers.editing.hparams import defaults_for  # noqa: E402
 from workers.editing.types import EditContext  # noqa: E402
 from workers.models.loading import weights_fingerprint  # noqa: E402
 from workers.models.profiles import profile_for  # noqa: E402
@@ -70,7 +70,7 @@ def blow_ups(
     layer = hp.layers[0]
     module, param = profile.mlp_out_module(layer), profile.mlp_out_param(layer)
     weight = model.get_parameter(param)
-    d_in = weight.shape[0] if profile.transposed else weight.shape[1]
+    d_in = profile.d_in(weight.shape)
     c = second_moment_or_identity(ctx, param, d_in, hp.mom2_adjustment)
     templates = context_templates(model, tok, hp.context_template_length_params, ctx)
     out: list[dict[str, Any]] = []

@@ -391,7 +391,7 @@ def _one(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from service.hparams import METHODS  # noqa: PLC0415
+    from workers.editing.hparams import METHODS  # noqa: PLC0415
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)

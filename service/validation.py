@@ -7,12 +7,12 @@
   sentences: non-empty and without a ``{}`` placeholder.
 - :func:`check_method` / :func:`check_hparams` — the method id and the user's
   hyper-parameter overrides, validated by the method's pydantic class in
-  :mod:`service.hparams` (imported lazily: it belongs to the editing side).
+  :mod:`workers.editing.hparams` (the editing library's hyper-parameters: torch-free,
+  the one part of ``workers`` the API process imports; ``tests/service/test_imports.py``).
 """
 
 from __future__ import annotations
 
-import importlib
 import string
 from collections.abc import Mapping
 from typing import Annotated, Any
@@ -20,6 +20,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, StringConstraints, ValidationError
 
 from service.errors import InvalidInput
+from workers.editing.hparams import METHODS, hparams_class
 
 _FORMATTER = string.Formatter()
 
@@ -57,12 +58,8 @@ def check_complete_prompt(prompt: str) -> str:
     return prompt
 
 
-def _hparams_module() -> Any:
-    return importlib.import_module("service.hparams")
-
-
 def known_methods() -> tuple[str, ...]:
-    return tuple(_hparams_module().METHODS)
+    return METHODS
 
 
 def check_method(method: str) -> str:
@@ -83,7 +80,7 @@ def check_hparams(method: str, overrides: Mapping[str, Any] | None) -> dict[str,
     """
     if not overrides:
         return {}
-    cls = _hparams_module().hparams_class(check_method(method))
+    cls = hparams_class(check_method(method))
     known = set(cls.model_fields)
     for key in overrides:
         if key not in known:

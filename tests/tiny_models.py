@@ -23,8 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from service.hparams import MethodHParams, defaults_for, with_overrides
 from workers.editing.common.stats import StatsCache, stats_provider
+from workers.editing.hparams import MethodHParams, defaults_for, with_overrides
 from workers.editing.types import EditContext, EditRequest
 from workers.models.profiles import profile_for
 

@@ -75,5 +75,5 @@ def plan_batches(items: Sequence[T], max_size: int, subject: Callable[[T], str])
 def batch_size(editor: Any, max_batch: int) -> int:
     """The most requests one version applies: the model's ``max_batch``, capped by the
     editor's ``max_requests_per_delta`` (ROME: 1)."""
-    per_delta = getattr(editor, "max_requests_per_delta", None)
+    per_delta = editor.max_requests_per_delta
     return max(1, min(max_batch, per_delta)) if per_delta else max(1, max_batch)

@@ -24,7 +24,6 @@ from rq.job import JobStatus as RqStatus
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 
 from service import VERSION, queue
-from service.hparams import METHODS, defaults_for, with_overrides
 from service.ledger import jobs as ledger_jobs
 from service.ledger import models as ledger_models
 from service.ledger import versions as ledger_versions
@@ -33,9 +32,10 @@ from service.ledger.tables import JobKind, JobStatus
 from service.settings import ModelSpec, Settings
 from workers.editing.common.base import EditError
 from workers.editing.common.stats import Steps, stats_provider
+from workers.editing.hparams import METHODS, defaults_for, with_overrides
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext
-from workers.models.profiles import profile_for
+from workers.models.profiles import d_mlp, profile_for
 from workers.runtime import ModelRuntime
 from workers.state import WorkerState
 
@@ -134,14 +134,8 @@ def resolve_hparams(state: WorkerState, method: str, overrides: dict[str, Any] |
     """The method's defaults for this model's architecture, with the job's overrides."""
     rt = state.runtime
     cfg = rt.model.config
-    base = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, _d_mlp(rt.model))
+    base = defaults_for(method, cfg.model_type, cfg.num_hidden_layers, d_mlp(rt.model))
     return with_overrides(base, overrides)
-
-
-def _d_mlp(model: Any) -> int:
-    profile = profile_for(model)
-    shape = model.get_parameter(profile.mlp_out_param(0)).shape
-    return int(shape[0] if profile.transposed else shape[1])
 
 
 def stats_provider_for(
@@ -181,7 +175,7 @@ def warm_steps(state: WorkerState) -> Steps[None]:
     wanted: dict[tuple[str, int, int], set[int]] = {}
     for method in METHODS:
         hp = resolve_hparams(state, method, None)
-        if getattr(hp, "mom2_adjustment", False):
+        if get_editor(method).uses_statistics and hp.mom2_adjustment:
             key = (hp.mom2_dataset, hp.mom2_n_samples, hp.mom2_sample_tokens)
             wanted.setdefault(key, set()).update(hp.layers)
     profile = profile_for(state.runtime.model)
@@ -203,7 +197,7 @@ def warm_steps(state: WorkerState) -> Steps[None]:
             yield _STATISTICS_SHARE * (i + fraction) / passes, f"statistics: {message}"
         last = -1.0
     seconds: dict[str, float] = {}
-    preparing = [m for m in METHODS if getattr(get_editor(m), "prepare", None) is not None]
+    preparing = [m for m in METHODS if get_editor(m).prepares]
     for j, method in enumerate(preparing):
         yield (
             _STATISTICS_SHARE + (1 - _STATISTICS_SHARE) * j / len(preparing),
@@ -228,7 +222,7 @@ def _prepare_editor(state: WorkerState, method: str) -> float | None:
         state=rt.method_state(),
     )
     try:
-        get_editor(method).prepare(rt.model, hp, ctx)  # type: ignore[attr-defined]
+        get_editor(method).prepare(rt.model, hp, ctx)
     except EditError as exc:
         # the method's defaults do not fit this model (e.g. no null space for
         # AlphaEdit): its edits will fail with this reason, the others still work

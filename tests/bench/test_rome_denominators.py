@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from bench.rome_denominators import blow_ups, sequence, summary
-from service.hparams import with_overrides
 from tests.bench.test_sequential import RECORDS, _request
 from tests.tiny_models import tiny_ctx, tiny_hparams, tiny_model, word_tokenizer
 from workers.editing import registry
+from workers.editing.hparams import with_overrides
 from workers.models.profiles import profile_for
 
 

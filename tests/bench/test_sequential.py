@@ -26,9 +26,9 @@ from bench.sequential import (
     summary,
     table,
 )
-from service.hparams import defaults_for
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
 from workers.editing.common.stats import StatsCache
+from workers.editing.hparams import defaults_for
 from workers.editing.types import EditRequest
 from workers.evaluation.scoring import counterfact_scores
 from workers.models.profiles import profile_for

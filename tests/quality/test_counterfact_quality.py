@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.hparams import defaults_for
 from workers.editing.common.hooks import patched_weights
 from workers.editing.common.stats import StatsCache, stats_provider
+from workers.editing.hparams import defaults_for
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest, WeightDelta
 from workers.evaluation.scoring import counterfact_scores
 from workers.models.loading import ModelSourceError, load_model, weights_fingerprint
-from workers.models.profiles import profile_for
+from workers.models.profiles import d_mlp, profile_for
 
 pytestmark = pytest.mark.quality
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def setup(report):
     model, tok = loaded.model, loaded.tokenizer
     cfg = model.config
     hparams = {
-        m: defaults_for(m, cfg.model_type, cfg.num_hidden_layers, cfg.intermediate_size)
+        m: defaults_for(m, cfg.model_type, cfg.num_hidden_layers, d_mlp(model))
         for m in ("rome", "memit")
     }
     profile = profile_for(model)

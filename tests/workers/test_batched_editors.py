@@ -10,7 +10,6 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from service.hparams import AlphaEditHParams, EmmetHParams, defaults_for, with_overrides
 from tests.tiny_models import (
     REQUESTS,
     TINY_KINDS,
@@ -22,6 +21,7 @@ from tests.workers.test_editors import apply_via_runtime
 from workers.editing.alphaedit import aux_name
 from workers.editing.common.base import EditError
 from workers.editing.common.keys import read_keys
+from workers.editing.hparams import AlphaEditHParams, EmmetHParams, defaults_for, with_overrides
 from workers.editing.registry import get_editor
 from workers.editing.types import EditRequest, LowRankUpdate, WeightDelta
 from workers.models.profiles import profile_for

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from service.hparams import FtCHParams, FtLHParams, defaults_for, with_overrides
 from tests.tiny_models import (
     REQUESTS,
     TINY_KINDS,
@@ -26,6 +25,7 @@ from workers.editing.common.base import EditError
 from workers.editing.common.replay import BlockReplay
 from workers.editing.common.tokens import pad_right
 from workers.editing.ft import FtSettings, finetune, inner_bound
+from workers.editing.hparams import FtCHParams, FtLHParams, defaults_for, with_overrides
 from workers.editing.types import EditContext
 from workers.models.profiles import profile_for
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.hparams import defaults_for, with_overrides
 from tests.tiny_models import (
     REQUESTS,
     TINY_KINDS,
@@ -24,6 +23,7 @@ from workers.artifacts import ArtifactStore
 from workers.editing.common.base import EditError
 from workers.editing.common.codebook import Codebook, codebook_output, nearest_keys
 from workers.editing.grace import COVER_MARGIN, place
+from workers.editing.hparams import defaults_for, with_overrides
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest, ModuleState, WeightDelta
 from workers.evaluation.scoring import generate, target_logprobs

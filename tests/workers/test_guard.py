@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from service.hparams import defaults_for, with_overrides
 from service.settings import GuardPolicy, ModelSpec
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
+from workers.editing.hparams import defaults_for, with_overrides
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest
 from workers.evaluation.canary import CanaryMeasurement

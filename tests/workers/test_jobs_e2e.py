@@ -20,12 +20,12 @@ from rq import Queue
 from sqlalchemy import Engine, select
 
 from service.api import create_app
-from service.hparams import hparams_class
 from service.ledger.sessions import session_scope
 from service.ledger.tables import Artifact, Version
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
+from workers.editing.hparams import hparams_class
 from workers.editing.types import DenseUpdate, WeightDelta
 from workers.worker import WorkerState
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
-from service.hparams import defaults_for, with_overrides
 from tests import tiny_models
 from workers.artifacts import ArtifactCorrupt, ArtifactStore
 from workers.editing.common.stats import StatsCache, stats_provider
+from workers.editing.hparams import defaults_for, with_overrides
 from workers.editing.registry import get_editor
 from workers.editing.types import (
     DenseUpdate,

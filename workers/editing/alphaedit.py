@@ -27,21 +27,18 @@ keys, so AlphaEdit does not protect them.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import AlphaEditHParams
-from workers.editing.common.base import EditError, check_requests
+from workers.editing.common.base import EditError
 from workers.editing.common.solves import alphaedit_right, nullspace_basis
 from workers.editing.common.window import d_in_of, edit_window, window_params
-from workers.editing.types import EditContext, EditRequest, WeightDelta
-
-log = logging.getLogger(__name__)
+from workers.editing.editor import DeltaParts, Editor
+from workers.editing.hparams import AlphaEditHParams
+from workers.editing.types import EditContext, EditRequest
 
 STATE_PREFIX = "alphaedit.kkt:"
 
@@ -51,9 +48,11 @@ def aux_name(param: str) -> str:
     return STATE_PREFIX + param
 
 
-class AlphaEditEditor:
+class AlphaEditEditor(Editor[AlphaEditHParams]):
     name: ClassVar[str] = "alphaedit"
     hparams_cls: ClassVar[type[AlphaEditHParams]] = AlphaEditHParams
+    uses_statistics: ClassVar[bool] = True
+    prepares: ClassVar[bool] = True
 
     def prepare(self, model: PreTrainedModel, hparams: AlphaEditHParams, ctx: EditContext) -> None:
         """Build each layer's null-space basis now (worker start-up; ~1 s per layer on
@@ -61,20 +60,16 @@ class AlphaEditEditor:
         for param in window_params(model, hparams):
             nullspace_basis(ctx, param, d_in_of(model, param), hparams.nullspace_threshold)
 
-    def compute_delta(
+    def _compute(
         self,
         model: PreTrainedModel,
         tok: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
         hparams: AlphaEditHParams,
         ctx: EditContext,
-    ) -> WeightDelta:
+    ) -> DeltaParts:
         """One projected low-rank update per layer of the window, and the batch's keys
         as the state increment; the model comes back unchanged."""
-        check_requests(requests)
-        if not isinstance(hparams, AlphaEditHParams):
-            raise EditError(f"AlphaEdit needs AlphaEditHParams, got {type(hparams).__name__}")
-        started = time.perf_counter()
         kept: dict[str, int] = {}
         prior_edits: dict[str, bool] = {}
 
@@ -91,21 +86,13 @@ class AlphaEditEditor:
             return alphaedit_right(basis, keys, prior, hparams.l2)
 
         window = edit_window(model, tok, requests, hparams, ctx, solve)
-        seconds = time.perf_counter() - started
-        ctx.progress(1.0, "done")
-        log.info(
-            "alphaedit %d requests, layers %s: null space %s, mean steps %.1f, %.2fs",
-            len(requests), window.layers, list(kept.values()),
-            sum(window.target.steps) / len(requests), seconds,
-        )  # fmt: skip
-        return WeightDelta(
-            method=self.name,
+        return DeltaParts(
+            summary=window.summary(len(requests), f"null space {list(kept.values())}, "),
             updates=window.updates,
             aux_factors={aux_name(p): k for p, k in window.keys.items()},
             meta={
                 **window.meta(),
                 "nullspace_dims": [kept[u.param] for u in window.updates],
                 "prior_state": [prior_edits[u.param] for u in window.updates],
-                "seconds": round(seconds, 3),
             },
         )

@@ -19,27 +19,25 @@ cached per layer (:func:`workers.editing.common.solves.emmet_right`).
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import EmmetHParams
-from workers.editing.common.base import EditError, check_requests
 from workers.editing.common.solves import emmet_right, stats_factor
 from workers.editing.common.window import d_in_of, edit_window, window_params
-from workers.editing.types import EditContext, EditRequest, LowRankUpdate, WeightDelta
+from workers.editing.editor import DeltaParts, Editor
+from workers.editing.hparams import EmmetHParams
+from workers.editing.types import EditContext, EditRequest, LowRankUpdate
 from workers.models.profiles import profile_for
 
-log = logging.getLogger(__name__)
 
-
-class EmmetEditor:
+class EmmetEditor(Editor[EmmetHParams]):
     name: ClassVar[str] = "emmet"
     hparams_cls: ClassVar[type[EmmetHParams]] = EmmetHParams
+    uses_statistics: ClassVar[bool] = True
+    prepares: ClassVar[bool] = True
 
     def prepare(self, model: PreTrainedModel, hparams: EmmetHParams, ctx: EditContext) -> None:
         """Factorise each layer's C + ridge·I now (worker start-up), not on the first edit."""
@@ -47,19 +45,15 @@ class EmmetEditor:
             d_in = d_in_of(model, param)
             stats_factor(ctx, param, d_in, hparams.mom2_adjustment, _ridge(hparams))
 
-    def compute_delta(
+    def _compute(
         self,
         model: PreTrainedModel,
         tok: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
         hparams: EmmetHParams,
         ctx: EditContext,
-    ) -> WeightDelta:
+    ) -> DeltaParts:
         """One low-rank update per edited layer; the model comes back unchanged."""
-        check_requests(requests)
-        if not isinstance(hparams, EmmetHParams):
-            raise EditError(f"EMMET needs EmmetHParams, got {type(hparams).__name__}")
-        started = time.perf_counter()
         lam = hparams.mom2_update_weight
         ridge = _ridge(hparams)
 
@@ -71,21 +65,14 @@ class EmmetEditor:
         window = edit_window(model, tok, requests, hparams, ctx, solve)
         transposed = profile_for(model).transposed
         gaps = [_constraint_gap(u, window.keys[u.param], transposed) for u in window.updates]
-        seconds = time.perf_counter() - started
-        ctx.progress(1.0, "done")
-        log.info(
-            "emmet %d requests, layers %s: mean steps %.1f, %.2fs",
-            len(requests), window.layers, sum(window.target.steps) / len(requests), seconds,
-        )  # fmt: skip
-        return WeightDelta(
-            method=self.name,
+        return DeltaParts(
+            summary=window.summary(len(requests)),
             updates=window.updates,
             meta={
                 **window.meta(),
                 "lambda": lam,
                 "emmet_lambda": hparams.emmet_lambda,
                 "constraint_gap": gaps,
-                "seconds": round(seconds, 3),
             },
         )
 

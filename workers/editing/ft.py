@@ -35,7 +35,6 @@ layout, which the runtime adds in fp32 as the forward passes here did.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -44,13 +43,14 @@ import torch
 from torch.func import functional_call
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import FtCHParams, FtLHParams
-from workers.editing.common.base import EditError, check_requests
+from workers.editing.common.base import EditError
 from workers.editing.common.hooks import frozen_eval, get_parameter
 from workers.editing.common.prompts import PromptRows, RowBuilder
 from workers.editing.common.replay import BlockReplay
 from workers.editing.common.tokens import target_ids
-from workers.editing.types import DenseUpdate, EditContext, EditRequest, WeightDelta
+from workers.editing.editor import DeltaParts, Editor
+from workers.editing.hparams import FtCHParams, FtLHParams
+from workers.editing.types import DenseUpdate, EditContext, EditRequest
 from workers.models.profiles import ArchProfile, profile_for
 
 log = logging.getLogger(__name__)
@@ -217,31 +217,24 @@ def finetune(
     )
 
 
-class _FtEditor:
+class _FtEditor(Editor[FtLHParams | FtCHParams]):
     """Shared by FT-L and FT-C; a subclass names the method and its constraint."""
 
-    name: ClassVar[str]
     hparams_cls: ClassVar[type[FtLHParams] | type[FtCHParams]]
 
     def _epsilon(self, hparams: FtLHParams | FtCHParams) -> float | None:
         raise NotImplementedError
 
-    def compute_delta(
+    def _compute(
         self,
         model: PreTrainedModel,
         tok: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
         hparams: FtLHParams | FtCHParams,
         ctx: EditContext,
-    ) -> WeightDelta:
+    ) -> DeltaParts:
         """One dense update per tuned parameter for the whole batch; the model comes
         back unchanged."""
-        check_requests(requests)
-        if not isinstance(hparams, self.hparams_cls):
-            raise EditError(
-                f"{self.name} needs {self.hparams_cls.__name__}, got {type(hparams).__name__}"
-            )
-        started = time.perf_counter()
         profile = profile_for(model)
         n_layers = int(model.config.num_hidden_layers)
         layers = sorted(hparams.layers)
@@ -257,15 +250,12 @@ class _FtEditor:
         ctx.progress(0.0, "fine-tuning")
         with frozen_eval(model):
             result = finetune(model, tok, requests, params, settings, progress=ctx.progress)
-        seconds = time.perf_counter() - started
-        ctx.progress(1.0, "done")
-        log.info(
-            "%s %d requests, layers %s: %d steps, loss %.3f → %.3f, %.2fs",
-            self.name, len(requests), layers, result.steps, result.loss[0], result.loss[-1],
-            seconds,
-        )  # fmt: skip
-        return WeightDelta(
-            method=self.name,
+        summary = (
+            f"{len(requests)} requests, layers {layers}: {result.steps} steps, "
+            f"loss {result.loss[0]:.3f} → {result.loss[-1]:.3f}"
+        )
+        return DeltaParts(
+            summary=summary,
             updates=[DenseUpdate(p, result.deltas[p]) for p in params],
             meta={
                 "layers": layers,
@@ -276,7 +266,6 @@ class _FtEditor:
                 "target_argmax": result.argmax,
                 "max_abs_delta": [float(result.deltas[p].abs().max()) for p in params],
                 "norm_constraint": settings.epsilon,
-                "seconds": round(seconds, 3),
             },
         )
 

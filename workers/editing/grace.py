@@ -35,8 +35,6 @@ A batch is processed request by request, each on the codebook its predecessors l
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -45,39 +43,34 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import GraceHParams
-from workers.editing.common.base import EditError, check_requests
+from workers.editing.common.base import EditError
 from workers.editing.common.codebook import Codebook, codebook_output, module_dims
 from workers.editing.common.hooks import forward_hooks, frozen_eval, get_module, run_forward
 from workers.editing.common.tokens import target_ids
-from workers.editing.types import EditContext, EditRequest, ModuleState, WeightDelta
+from workers.editing.editor import DeltaParts, Editor
+from workers.editing.hparams import GraceHParams
+from workers.editing.types import EditContext, EditRequest, ModuleState
 from workers.models.profiles import profile_for
-
-log = logging.getLogger(__name__)
 
 STATE_NAME = "grace"
 COVER_MARGIN = 1e-3  # relative margin of an expanded radius (see the module docstring)
 
 
-class GraceEditor:
+class GraceEditor(Editor[GraceHParams]):
     name: ClassVar[str] = "grace"
     hparams_cls: ClassVar[type[GraceHParams]] = GraceHParams
     # a batch is one version; its requests enter the codebook one after another
     max_requests_per_delta: ClassVar[int | None] = None
 
-    def compute_delta(
+    def _compute(
         self,
         model: PreTrainedModel,
         tok: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
         hparams: GraceHParams,
         ctx: EditContext,
-    ) -> WeightDelta:
+    ) -> DeltaParts:
         """The codebook after ``requests``; the model comes back unchanged."""
-        check_requests(requests)
-        if not isinstance(hparams, GraceHParams):
-            raise EditError(f"GRACE needs GraceHParams, got {type(hparams).__name__}")
-        started = time.perf_counter()
         profile = profile_for(model)
         layer = hparams.layers[0]
         n_layers = int(model.config.num_hidden_layers)
@@ -104,21 +97,15 @@ class GraceEditor:
                     {"action": action, "index": index, "distance": dist, "steps": steps,
                      "target_prob": prob, "radius": float(book.radii[index])}
                 )  # fmt: skip
-        seconds = time.perf_counter() - started
-        ctx.progress(1.0, "done")
-        log.info(
-            "grace layer %d: %s, codebook %d entries, %.2fs",
-            layer, [e["action"] for e in entries], book.size, seconds,
-        )  # fmt: skip
-        return WeightDelta(
-            method=self.name,
+        actions = [e["action"] for e in entries]
+        return DeltaParts(
+            summary=f"layer {layer}: {actions}, codebook {book.size} entries",
             modules={STATE_NAME: book.to_state()},
             meta={
                 "layers": [layer],
                 "module": module_name,
                 "entries": entries,
                 "codebook_size": book.size,
-                "seconds": round(seconds, 3),
             },
         )
 

@@ -15,45 +15,39 @@ instead of a d × d one.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import MemitHParams
-from workers.editing.common.base import EditError, check_requests
 from workers.editing.common.solves import memit_right, stats_factor
 from workers.editing.common.window import d_in_of, edit_window, window_params
-from workers.editing.types import EditContext, EditRequest, WeightDelta
+from workers.editing.editor import DeltaParts, Editor
+from workers.editing.hparams import MemitHParams
+from workers.editing.types import EditContext, EditRequest
 
-log = logging.getLogger(__name__)
 
-
-class MemitEditor:
+class MemitEditor(Editor[MemitHParams]):
     name: ClassVar[str] = "memit"
     hparams_cls: ClassVar[type[MemitHParams]] = MemitHParams
+    uses_statistics: ClassVar[bool] = True
+    prepares: ClassVar[bool] = True
 
     def prepare(self, model: PreTrainedModel, hparams: MemitHParams, ctx: EditContext) -> None:
         """Factorise each layer's C now (worker start-up) instead of on the first edit."""
         for param in window_params(model, hparams):
             stats_factor(ctx, param, d_in_of(model, param), hparams.mom2_adjustment)
 
-    def compute_delta(
+    def _compute(
         self,
         model: PreTrainedModel,
         tok: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
         hparams: MemitHParams,
         ctx: EditContext,
-    ) -> WeightDelta:
+    ) -> DeltaParts:
         """One low-rank update per layer of the window; the model comes back unchanged."""
-        check_requests(requests)
-        if not isinstance(hparams, MemitHParams):
-            raise EditError(f"MEMIT needs MemitHParams, got {type(hparams).__name__}")
-        started = time.perf_counter()
         lam = hparams.mom2_update_weight
 
         def solve(param: str, keys: torch.Tensor) -> torch.Tensor:
@@ -62,14 +56,8 @@ class MemitEditor:
             return memit_right(factor, keys, lam)
 
         window = edit_window(model, tok, requests, hparams, ctx, solve)
-        seconds = time.perf_counter() - started
-        ctx.progress(1.0, "done")
-        log.info(
-            "memit %d requests, layers %s: mean steps %.1f, %.2fs",
-            len(requests), window.layers, sum(window.target.steps) / len(requests), seconds,
-        )  # fmt: skip
-        return WeightDelta(
-            method=self.name,
+        return DeltaParts(
+            summary=window.summary(len(requests)),
             updates=window.updates,
-            meta={**window.meta(), "lambda": lam, "seconds": round(seconds, 3)},
+            meta={**window.meta(), "lambda": lam},
         )

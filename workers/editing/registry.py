@@ -1,9 +1,11 @@
 """The editing methods by id: one explicit dict, checked at import.
 
-The id is the same string in the API, the hparams (``service.hparams.METHODS``), the
-ledger and the metrics. Adding a method: write ``editing/<id>.py`` with an
-``Editor`` class, add it to ``_EDITOR_CLASSES`` and its hparams to
-``service/hparams.py``.
+The id is the same string in the API, the hparams
+(``workers.editing.hparams.METHODS``), the ledger and the metrics. Adding a method:
+write ``editing/<id>.py`` with a subclass of :class:`~workers.editing.editor.Editor`
+(its capabilities declared there), add it to ``_EDITOR_CLASSES``, and
+its hparams class as ``editing/hparams/<id>.py``, added to
+``workers/editing/hparams/methods.py``.
 
 Adaptors (``ADAPTORS``) are the forward-pass changes that non-additive method state
 needs (a :class:`~workers.editing.types.ModuleState` in a delta's ``modules``, by
@@ -17,58 +19,35 @@ from collections.abc import Mapping, Sequence
 from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
-from pydantic import BaseModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import METHODS
 from workers.editing.alphaedit import AlphaEditEditor
 from workers.editing.common.codebook import GraceAdaptor
+from workers.editing.editor import Editor
 from workers.editing.emmet import EmmetEditor
 from workers.editing.ft import FtCEditor, FtLEditor
 from workers.editing.grace import GraceEditor
+from workers.editing.hparams import METHODS
 from workers.editing.memit import MemitEditor
 from workers.editing.rome import RomeEditor, RomeOriginalEditor
-from workers.editing.types import EditContext, EditRequest, ModuleState, WeightDelta
-
-
-@runtime_checkable
-class Editor(Protocol):
-    """STYLE.md §2. ``compute_delta`` hands the model back bit-identical.
-
-    An editor may also define ``prepare(model, hparams, ctx) -> None``, which builds in
-    ``ctx.cache`` what its first edit would otherwise pay for (factorisations of the
-    layer statistics); the worker calls it at start-up for the default hparams.
-    """
-
-    name: ClassVar[str]
-    hparams_cls: ClassVar[type[BaseModel]]
-
-    def compute_delta(
-        self,
-        model: PreTrainedModel,
-        tok: PreTrainedTokenizerBase,
-        requests: Sequence[EditRequest],
-        hparams: BaseModel,
-        ctx: EditContext,
-    ) -> WeightDelta: ...
+from workers.editing.types import ModuleState
 
 
 class RegistryError(RuntimeError):
     pass
 
 
-def _build(classes: Sequence[type]) -> dict[str, type]:
-    out: dict[str, type] = {}
+def _build(classes: Sequence[type[Editor]]) -> dict[str, type[Editor]]:
+    out: dict[str, type[Editor]] = {}
     for cls in classes:
         if cls.name in out:
             raise RegistryError(f"duplicate editing method id {cls.name!r}")
         out[cls.name] = cls
     if tuple(out) != METHODS:
-        raise RegistryError(f"registry {tuple(out)} does not match service.hparams.METHODS")
+        raise RegistryError(f"registry {tuple(out)} does not match workers.editing.hparams.METHODS")
     return out
 
 
-_EDITOR_CLASSES: tuple[type, ...] = (
+_EDITOR_CLASSES: tuple[type[Editor], ...] = (
     RomeEditor,
     RomeOriginalEditor,
     MemitEditor,
@@ -78,7 +57,7 @@ _EDITOR_CLASSES: tuple[type, ...] = (
     FtCEditor,
     GraceEditor,
 )
-EDITORS: dict[str, type] = _build(_EDITOR_CLASSES)
+EDITORS: dict[str, type[Editor]] = _build(_EDITOR_CLASSES)
 
 
 @runtime_checkable

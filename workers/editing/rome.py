@@ -38,62 +38,49 @@ ours uses δ, the value the optimisation actually added at k*, as derived above.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from service.hparams import RomeHParams, RomeOriginalHParams
-from workers.editing.common.base import (
-    EditError,
-    check_requests,
-    second_moment_or_identity,
-    target_settings,
-)
+from workers.editing.common.base import EditError, second_moment_or_identity, target_settings
 from workers.editing.common.hooks import frozen_eval, get_parameter
 from workers.editing.common.keys import read_keys
 from workers.editing.common.targets import optimise_targets
 from workers.editing.common.templates import context_templates
-from workers.editing.types import EditContext, EditRequest, LowRankUpdate, WeightDelta
+from workers.editing.editor import DeltaParts, Editor
+from workers.editing.hparams import RomeHParams, RomeOriginalHParams
+from workers.editing.types import EditContext, EditRequest, LowRankUpdate
 from workers.models.profiles import profile_for
 
-log = logging.getLogger(__name__)
 
-
-class RomeEditor:
+class RomeEditor(Editor[RomeHParams | RomeOriginalHParams]):
     """ROME with the r-ROME key fix; :class:`RomeOriginalEditor` shares this code."""
 
     name: ClassVar[str] = "rome"
     hparams_cls: ClassVar[type[RomeHParams] | type[RomeOriginalHParams]] = RomeHParams
     # several requests are applied one after another, one version each
     max_requests_per_delta: ClassVar[int | None] = 1
+    uses_statistics: ClassVar[bool] = True
     # the denominator's key: the bare prompt's k₀ (original code) or k* (r-ROME)
     bare_prompt_denominator: ClassVar[bool] = False
 
-    def compute_delta(
+    def _compute(
         self,
         model: PreTrainedModel,
         tok: PreTrainedTokenizerBase,
         requests: Sequence[EditRequest],
         hparams: RomeHParams | RomeOriginalHParams,
         ctx: EditContext,
-    ) -> WeightDelta:
+    ) -> DeltaParts:
         """The rank-one update for one request; the model comes back unchanged."""
-        check_requests(requests, exactly_one=True)
-        if not isinstance(hparams, self.hparams_cls):
-            raise EditError(
-                f"{self.name} needs {self.hparams_cls.__name__}, got {type(hparams).__name__}"
-            )
-        started = time.perf_counter()
         profile = profile_for(model)
         layer = hparams.layers[0]
         settings = target_settings(model, hparams)
         module, param = profile.mlp_out_module(layer), profile.mlp_out_param(layer)
         weight = get_parameter(model, param)
-        d_in = weight.shape[0] if profile.transposed else weight.shape[1]
+        d_in = profile.d_in(weight.shape)
         with frozen_eval(model):
             ctx.progress(0.0, "context templates")
             templates = context_templates(model, tok, hparams.context_template_length_params, ctx)
@@ -137,15 +124,12 @@ class RomeEditor:
             update = LowRankUpdate(param, direction.unsqueeze(1), lam.unsqueeze(1))
         else:  # Linear weight [d_out, d_in]: ΔW = Λ (C⁻¹k*)ᵀ
             update = LowRankUpdate(param, lam.unsqueeze(1), direction.unsqueeze(1))
-        seconds = time.perf_counter() - started
-        ctx.progress(1.0, "done")
-        log.info(
-            "%s layer %d: steps %d, target prob %.3f, |delta| %.3f, denominator %.4g, %.2fs",
-            self.name, layer, target.steps[0], target.prob[0], float(target.delta[0].norm()),
-            denom, seconds,
-        )  # fmt: skip
-        return WeightDelta(
-            method=self.name,
+        summary = (
+            f"layer {layer}: steps {target.steps[0]}, target prob {target.prob[0]:.3f}, "
+            f"|delta| {float(target.delta[0].norm()):.3f}, denominator {denom:.4g}"
+        )
+        return DeltaParts(
+            summary=summary,
             updates=[update],
             meta={
                 "layers": [layer],
@@ -156,7 +140,6 @@ class RomeEditor:
                 "key_norm": float(k_star.norm()),
                 "context_templates": list(templates),
                 **extra,
-                "seconds": round(seconds, 3),
             },
         )
 

@@ -312,7 +312,7 @@ def _apply_batch(
         cache=state.editor_cache,
         stats_provider=(
             stats_provider_for(state, hparams, lambda f, m: report(0.1, m))
-            if hasattr(hparams, "mom2_dataset")
+            if editor.uses_statistics
             else None
         ),
         progress=lambda f, m: report(0.1 + 0.7 * f, m),

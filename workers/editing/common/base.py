@@ -5,24 +5,16 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from service.hparams import (
-    AlphaEditHParams,
-    EmmetHParams,
-    MemitHParams,
-    RomeHParams,
-    RomeOriginalHParams,
-)
 from workers.editing.common.targets import TargetSettings
-
-# the locate-then-edit methods: a v* optimisation, keys, statistics
-EditHParams = RomeHParams | RomeOriginalHParams | MemitHParams | EmmetHParams | AlphaEditHParams
+from workers.editing.hparams import LocateEditHParams
 
 
 class EditError(ValueError):
     """A request or hparams combination the method cannot run."""
 
 
-def target_settings(model: PreTrainedModel, hp: EditHParams) -> TargetSettings:
+def target_settings(model: PreTrainedModel, hp: LocateEditHParams) -> TargetSettings:
+    """The v* optimisation's settings of a locate-then-edit method's hparams."""
     n_layers = int(model.config.num_hidden_layers)
     loss_layer = n_layers - 1 if hp.v_loss_layer is None else hp.v_loss_layer
     for layer in (*hp.layers, loss_layer):
@@ -38,16 +30,6 @@ def target_settings(model: PreTrainedModel, hp: EditHParams) -> TargetSettings:
         prob_threshold=hp.v_prob_threshold,
         fact_token=hp.fact_token,
     )
-
-
-def check_requests(requests, *, exactly_one: bool = False) -> None:
-    if not requests:
-        raise EditError("no edit requests given")
-    if exactly_one and len(requests) != 1:
-        raise EditError(
-            f"ROME edits one request at a time (got {len(requests)}); "
-            "apply several requests one after another, or use MEMIT for a batch"
-        )
 
 
 def second_moment_or_identity(ctx, param: str, d_in: int, use_stats: bool) -> torch.Tensor:

@@ -28,11 +28,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from workers.editing.common.base import EditError, EditHParams, target_settings
+from workers.editing.common.base import EditError, target_settings
 from workers.editing.common.hooks import frozen_eval, get_parameter, patched_weights
 from workers.editing.common.keys import read_keys
 from workers.editing.common.targets import TargetResult, optimise_targets
 from workers.editing.common.templates import context_templates
+from workers.editing.hparams import LocateEditHParams
 from workers.editing.types import EditContext, EditRequest, LowRankUpdate
 from workers.models.profiles import profile_for
 
@@ -61,14 +62,18 @@ class WindowEdit:
             "context_templates": list(self.templates),
         }
 
+    def summary(self, n_requests: int, extra: str = "") -> str:
+        """The editors' log line: ``3 requests, layers [3, 4]: <extra>mean steps 12.0``."""
+        mean_steps = sum(self.target.steps) / n_requests
+        return f"{n_requests} requests, layers {self.layers}: {extra}mean steps {mean_steps:.1f}"
+
 
 def d_in_of(model: PreTrainedModel, param: str) -> int:
     """The key width of an MLP output projection (GPT-2's Conv1D is ``[d_in, d_out]``)."""
-    shape = get_parameter(model, param).shape
-    return int(shape[0] if profile_for(model).transposed else shape[1])
+    return profile_for(model).d_in(get_parameter(model, param).shape)
 
 
-def window_params(model: PreTrainedModel, hparams: EditHParams) -> list[str]:
+def window_params(model: PreTrainedModel, hparams: LocateEditHParams) -> list[str]:
     """The MLP output projections that ``hparams.layers`` edit, in layer order."""
     profile = profile_for(model)
     return [profile.mlp_out_param(layer) for layer in hparams.layers]
@@ -78,7 +83,7 @@ def edit_window(
     model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
-    hparams: EditHParams,
+    hparams: LocateEditHParams,
     ctx: EditContext,
     solve: LayerSolve,
 ) -> WindowEdit:
