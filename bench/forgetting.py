@@ -28,8 +28,8 @@ params; run on the unedited model too). Every delta's update norm is in the log.
 the downstream module cannot be imported, the run goes on without it and its log
 says why (``info.evaluation``).
 
-``--guard`` consults the service's guard (``bench/_guard.py``: the decision of
-``workers.evaluation.guard`` on the canary of ``workers.evaluation.canary`` under the
+``--guard`` consults the service's guard (``bench/_canary_guard.py``: the decision of
+``workers.evaluation.guard_rules`` on the canary of ``workers.evaluation.canary`` under the
 ``GuardPolicy`` of ``service.settings``; ``--guard-policy`` overrides it) before each
 delta is committed: a rejected delta is discarded, the model stays where it was, and
 the log holds the verdict and its numbers. ``--guard-mode observe`` logs the
@@ -71,6 +71,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: ``bench`` is a folder of the checkout
     sys.path.insert(0, str(REPO))
 
+from bench._canary_guard import (  # noqa: E402
+    GuardUnavailable,
+    guard_report,
+    json_object,
+    load_guard,
+    report_table,
+)
 from bench._editrun import (  # noqa: E402
     CACHE,
     DATA,
@@ -85,13 +92,6 @@ from bench._editrun import (  # noqa: E402
     pyplot,
     run_sequential,
     save_figure,
-)
-from bench._guard import (  # noqa: E402
-    GuardUnavailable,
-    guard_report,
-    json_object,
-    load_guard,
-    report_table,
 )
 from workers.editing.common.stats import StatsCache  # noqa: E402
 from workers.models.loading import weights_fingerprint  # noqa: E402
@@ -298,7 +298,7 @@ def table(logs: Sequence[dict[str, Any]]) -> str:
 
 
 def write_guard_reports(out_dir: Path, logs: Sequence[dict[str, Any]]) -> str:
-    """``bench._guard.guard_report`` of every run the guard judged, written to
+    """``bench._canary_guard.guard_report`` of every run the guard judged, written to
     ``<out>/guard.json``; returns the markdown table."""
     reports = [
         guard_report(g, macro=macro_score, judge=judge)

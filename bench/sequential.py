@@ -39,7 +39,7 @@ PNG plots of every curve against the number of edits (Gupta et al. 2024, "Model
 editing at scale leads to gradual and catastrophic forgetting", Figs. 1–3) are
 drawn from all logs in ``--out``; ``--table`` prints the markdown summary.
 
-``--observe-guard`` runs the service's guard (``bench/_guard.py``) on every delta in
+``--observe-guard`` runs the service's guard (``bench/_canary_guard.py``) on every delta in
 observe mode: its verdicts, canary and probe are logged but every delta is committed,
 so the curves are the method's own; ``--guard-report`` counts its false rejections
 (issue 4: the guard on ordinary edits) into ``<out>/guard.json``.
@@ -67,6 +67,7 @@ if str(REPO) not in sys.path:  # run as a script: ``bench`` is a folder of the c
 
 # the loop, the scoring and the state snapshots are shared with bench/forgetting.py;
 # the names below are this module's interface (tests and other benches import them)
+from bench._canary_guard import guard_report, json_object, load_guard, report_table  # noqa: E402
 from bench._editrun import (  # noqa: E402, F401
     CACHE,
     DATA,
@@ -87,7 +88,6 @@ from bench._editrun import (  # noqa: E402, F401
     score_records,
     unedited_scores,
 )
-from bench._guard import guard_report, json_object, load_guard, report_table  # noqa: E402
 from workers.editing.common.stats import StatsCache  # noqa: E402
 from workers.models.loading import weights_fingerprint  # noqa: E402
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.evaluations import EvaluationPolicies
+from service.suites import EvaluationPolicies
 
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -15,7 +15,6 @@ from sqlalchemy import select, tuple_, update
 from sqlalchemy.orm import Session
 
 from service.errors import NotFound
-from service.evaluations import EvaluationPolicy, breaches, check_suite_params
 from service.jsonsafe import json_safe
 from service.ledger.edits import chain_edits
 from service.ledger.jobs import create_rollback_job
@@ -31,6 +30,7 @@ from service.ledger.tables import (
     Version,
 )
 from service.ledger.versions import version_records
+from service.suites import EvaluationPolicy, breaches, check_suite_params
 
 log = logging.getLogger(__name__)
 

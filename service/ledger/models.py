@@ -12,13 +12,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
 from service.errors import Conflict, NotFound
-from service.evaluations import EvaluationPolicy
 from service.ledger.tables import (
     Model,
     Version,
     VersionKind,
 )
 from service.settings import ModelSpec, Settings
+from service.suites import EvaluationPolicy
 
 log = logging.getLogger(__name__)
 

@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import Field
 
-from service.evaluations import SuiteName
 from service.ledger.tables import JobStatus
 from service.schemas.common import FloatDict, Input, JsonDict, Public
 from service.schemas.workers import WorkerPublic
+from service.suites import SuiteName
 
 
 class EvaluationCreate(Input):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from service.evaluations import EvaluationPolicies
 from service.schemas.common import Input, JsonDict, Public
 from service.schemas.workers import WorkerPublic
+from service.suites import EvaluationPolicies
 
 
 class ModelPublic(Public):

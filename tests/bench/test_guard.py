@@ -1,4 +1,4 @@
-"""bench/_guard.py: the service's guard in the benchmark loop on a tiny random LLaMA.
+"""bench/_canary_guard.py: the service's guard in the benchmark loop on a tiny random LLaMA.
 
 Observe mode logs every verdict and applies every delta (the model ends as in the
 unguarded run); the canary measured on an accepted update is the next update's
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from bench._guard import guard_report, load_guard, report_table
+from bench._canary_guard import guard_report, load_guard, report_table
 from bench.forgetting import main, run_forgetting
 from tests.bench.test_forgetting import NormGuard, _edited, _run
 from tests.bench.test_sequential import RECORDS, _overrides

@@ -14,7 +14,9 @@ from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from service import ledger
-from service.evaluations import (
+from service.ledger.tables import Evaluation, Job, JobKind, JobStatus, Model
+from service.settings import ModelSpec, Settings
+from service.suites import (
     SUITE_NAMES,
     SUITE_PARAMS,
     EvaluationPolicy,
@@ -22,8 +24,6 @@ from service.evaluations import (
     check_suite_params,
     resolve_data_path,
 )
-from service.ledger.tables import Evaluation, Job, JobKind, JobStatus, Model
-from service.settings import ModelSpec, Settings
 
 from .conftest import MODEL, OTHER
 from .test_ledger import add_versions

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from service.evaluations import SUITE_NAMES
+from service.suites import SUITE_NAMES
 from tests.tiny_models import changed_tensors, state_copy, tiny_model, word_tokenizer
 from workers.editing.types import EditRequest
 from workers.evaluation import counterfact, retention

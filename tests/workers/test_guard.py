@@ -13,7 +13,7 @@ from workers.editing.hparams import defaults_for, with_overrides
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest
 from workers.evaluation.canary import CanaryMeasurement
-from workers.evaluation.guard import decide, norm_per_request
+from workers.evaluation.guard_rules import decide, norm_per_request
 from workers.runtime import ModelRuntime
 
 POLICY = GuardPolicy()

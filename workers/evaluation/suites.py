@@ -13,7 +13,7 @@ A suite leaves the model unchanged and is deterministic for given weights.
 
 Modules load on first use, so a worker that never runs ``downstream`` never
 imports lm-eval. The service keeps the same five names with their parameter
-schemas (:mod:`service.evaluations`); a test checks both agree.
+schemas (:mod:`service.suites`); a test checks both agree.
 """
 
 from __future__ import annotations

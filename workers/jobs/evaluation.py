@@ -39,11 +39,11 @@ from sqlalchemy.orm import Session
 
 from service import queue
 from service.errors import Unavailable
-from service.evaluations import resolve_data_path
 from service.jsonsafe import json_safe
 from service.ledger import evaluations as ledger_evaluations
 from service.ledger import versions as ledger_versions
 from service.redis_clients import command_client
+from service.suites import resolve_data_path
 from workers.evaluation.suites import load_suite
 from workers.jobs.common import fail, progress, reason_of
 from workers.state import WorkerState

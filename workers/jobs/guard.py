@@ -6,7 +6,7 @@ version (the canary, cached per version in :attr:`WorkerState.canary
 <workers.state.WorkerState.canary>`, over a recall sample of earlier edits from the
 ledger), :meth:`LedgerGuard.judge` on the staged update (the canary after, the
 method's norm history from the ledger, the decision of
-:func:`workers.evaluation.guard.decide`) and, once the version is committed,
+:func:`workers.evaluation.guard_rules.decide`) and, once the version is committed,
 :meth:`LedgerGuard.committed`. The edit job records an accepted decision in the
 version's transaction (:func:`record`) and a rejected one in its own
 (:func:`record_rejection`), then marks the edits rejected (:func:`mark_rejected`)
@@ -31,7 +31,7 @@ from service.ledger.tables import Edit, GuardDecision
 from workers.batching import subject_key
 from workers.editing.types import EditRequest
 from workers.evaluation.canary import Before, CanaryCache, CanaryMeasurement, RecallCase
-from workers.evaluation.guard import GuardVerdict, decide, norm_per_request
+from workers.evaluation.guard_rules import GuardVerdict, decide, norm_per_request
 from workers.runtime import ModelRuntime, Staged
 from workers.state import WorkerState
 

@@ -17,7 +17,6 @@ from service.api.deps import (
     SettingsDep,
     worker_of,
 )
-from service.evaluations import SuiteName
 from service.ledger.tables import Evaluation
 from service.schemas import (
     EvaluationCreate,
@@ -25,6 +24,7 @@ from service.schemas import (
     EvaluationPublic,
     EvaluationsPublic,
 )
+from service.suites import SuiteName
 
 router = APIRouter(tags=["evaluations"])
 

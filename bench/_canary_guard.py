@@ -5,7 +5,7 @@ updates that collapse the model).
 :class:`CanaryGuard` runs the canary of ``workers.evaluation.canary`` (perplexity of
 the first ``canary_texts`` fixed fluency texts, recall of a sample of earlier edits)
 on the current version and on the staged update, and the guard's decision
-(``workers.evaluation.guard.decide``) under a ``service.settings.GuardPolicy``, as
+(``workers.evaluation.guard_rules.decide``) under a ``service.settings.GuardPolicy``, as
 the worker does (``workers/jobs/guard.py``). It also measures a **probe** the guard
 never sees: the perplexity of the *last* ``probe_texts`` fixed texts (disjoint from
 the canary's), before and after each update. The probe is the independent judge of
@@ -38,7 +38,7 @@ import torch
 from bench._editrun import GuardHook, request_of
 from workers.runtime import Staged
 
-GUARD_MODULES = ("workers.evaluation.guard", "workers.evaluation.canary")
+GUARD_MODULES = ("workers.evaluation.guard_rules", "workers.evaluation.canary")
 COLLAPSE_RATIO = 2.0  # perplexity after / before above this: collapsed
 MACRO_DROP = 0.5  # downstream macro below this × the previous checkpoint's: collapsed
 
@@ -55,7 +55,7 @@ class CanaryGuard:
     """:class:`bench._editrun.GuardHook` over the service's guard (the module
     docstring): the canary cached per version as the worker caches it
     (``workers.evaluation.canary.CanaryCache``), the decision of
-    ``workers.evaluation.guard.decide``; ``probe_texts`` 0 turns the probe off."""
+    ``workers.evaluation.guard_rules.decide``; ``probe_texts`` 0 turns the probe off."""
 
     def __init__(
         self,
