@@ -120,6 +120,7 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
         warm = records.pop()
         pipeline.compute(runtime, editor, hp, [_request(EditRequest, warm)], ctx)
         per_edit: list[float] = []
+        cpu_per_edit: list[float] = []
         scores: list[dict[str, Any]] = []
         for b in range(batches):
             reqs = [_request(EditRequest, r) for r in records[b * batch : (b + 1) * batch]]
@@ -133,6 +134,7 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
                 runtime, editor, hp, reqs, ctx, measure=measure if scored else None, keep=False
             )
             per_edit.append(outcome.timing["compute_s"] / batch)
+            cpu_per_edit.append(outcome.timing["compute_cpu_s"] / batch)
             if scored:
                 scores += outcome.after or []
         result.update(
@@ -142,6 +144,8 @@ def run_one(name: str, threads: int, stats_dir: Path | None) -> dict[str, Any]:
             edits=batch * batches,
             seconds_per_edit=per_edit,
             median_s_per_edit=statistics.median(per_edit),
+            cpu_s_per_edit=cpu_per_edit,
+            median_cpu_s_per_edit=statistics.median(cpu_per_edit),
             scored=len(scores),
             **_means(scores),
         )
@@ -168,27 +172,33 @@ def _request(cls, rec: dict[str, Any]):
     )
 
 
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.2f}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| run | threads | edits timed | median s/edit | edits scored | ES | PS | NS | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | threads | edits timed | median s/edit | median CPU s/edit | edits scored "
+        "| ES | PS | NS | peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r["name"] == "unedited":
             lines.append(
-                f"| unedited | {r['threads']} | – | – | {r['edits']} | {r['efficacy']:.3f} "
+                f"| unedited | {r['threads']} | – | – | – | {r['edits']} | {r['efficacy']:.3f} "
                 f"| {r['paraphrase']:.3f} | {r['neighborhood']:.3f} | {r['peak_rss_gb']:.2f} GB |"
             )
         elif r["name"] == "stats":
             lines.append(
                 f"| statistics, layers {r['layers']} ({r['n_samples']}×{r['sample_tokens']} "
                 f"tokens, from nothing) | {r['threads']} | – | {r['seconds']:.1f} s total | – | – "
-                f"| – | – | {r['peak_rss_gb']:.2f} GB |"
+                f"| – | – | – | {r['peak_rss_gb']:.2f} GB |"
             )
         else:
             lines.append(
                 f"| {r['method'].upper()} batch {r['batch']} ×{r['batches']} | {r['threads']} "
-                f"| {r['edits']} | {r['median_s_per_edit']:.2f} | {r['scored']} "
+                f"| {r['edits']} | {r['median_s_per_edit']:.2f} "
+                f"| {_fmt(r.get('median_cpu_s_per_edit'))} | {r['scored']} "
                 f"| {r['efficacy']:.3f} | {r['paraphrase']:.3f} | {r['neighborhood']:.3f} "
                 f"| {r['peak_rss_gb']:.2f} GB |"
             )
