@@ -5,13 +5,14 @@ the model's worker state."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Query, Request, Response
 from redis import Redis
 from sqlalchemy.orm import Session
 
-from service import ledger, presence
+from service import ledger, presence, queue
 from service.schemas import ErrorPublic, WorkerPublic
 from service.settings import Settings
 
@@ -64,3 +65,33 @@ def worker_of(redis: Redis, settings: Settings, model: str) -> WorkerPublic:
     """The model's worker state now (service/presence.py)."""
     state = presence.model_worker(redis, settings.queue_prefix, model)
     return WorkerPublic.model_validate(state.public())
+
+
+@dataclass
+class Backends:
+    """What a route that writes the ledger and queues work needs: the request's ledger
+    session, the Redis client for commands and the settings."""
+
+    session: Session
+    redis: Redis
+    settings: Settings
+
+    def worker(self, model: str) -> WorkerPublic:
+        return worker_of(self.redis, self.settings, model)
+
+    def commit_and_queue(
+        self, model: str, job_id: str, response: Response, *, evaluation: bool = False
+    ) -> None:
+        """Commit the ledger first (the job exists before the queue hears of it), then
+        queue the job on the model's edit (or evaluation) queue; ``Location`` names it."""
+        self.session.commit()
+        put = queue.enqueue_evaluation if evaluation else queue.enqueue_job
+        put(self.redis, self.settings, model, job_id)
+        response.headers["Location"] = f"/v1/jobs/{job_id}"
+
+
+def _backends(session: SessionDep, redis: RedisDep, settings: SettingsDep) -> Backends:
+    return Backends(session, redis, settings)
+
+
+BackendsDep = Annotated[Backends, Depends(_backends)]

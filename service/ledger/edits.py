@@ -108,26 +108,25 @@ def align_after_rollback(
     off_chain = select(Version.id).where(
         Version.model_id == model_id, Version.number.in_(list(others))
     )
-    reverted = session.scalars(
-        update(Edit)
-        .where(
-            Edit.model_id == model_id,
-            Edit.status == EditStatus.applied,
-            Edit.version_id.in_(off_chain),
+
+    def move(old: EditStatus, new: EditStatus, versions: Any, reason: str | None) -> list[int]:
+        return list(
+            session.scalars(
+                update(Edit)
+                .where(
+                    Edit.model_id == model_id,
+                    Edit.status == old,
+                    Edit.version_id.in_(versions),
+                )
+                .values(status=new, reason=reason)
+                .returning(Edit.id)
+            )
         )
-        .values(status=EditStatus.reverted, reason=f"rolled back to version {target}")
-        .returning(Edit.id)
-    ).all()
-    restored = session.scalars(
-        update(Edit)
-        .where(
-            Edit.model_id == model_id,
-            Edit.status == EditStatus.reverted,
-            Edit.version_id.in_(on_chain),
-        )
-        .values(status=EditStatus.applied, reason=None)
-        .returning(Edit.id)
-    ).all()
+
+    reverted = move(
+        EditStatus.applied, EditStatus.reverted, off_chain, f"rolled back to version {target}"
+    )
+    restored = move(EditStatus.reverted, EditStatus.applied, on_chain, None)
     return sorted(reverted), sorted(restored)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, tuple_, update
@@ -17,7 +16,7 @@ from sqlalchemy.orm import Session
 from service.errors import NotFound
 from service.jsonsafe import json_safe
 from service.ledger.edits import chain_edits
-from service.ledger.jobs import create_rollback_job
+from service.ledger.jobs import add_job, create_rollback_job
 from service.ledger.models import get_model, head_version_number, model_policies
 from service.ledger.paging import Page, check_limit, decode_cursor, page
 from service.ledger.records import chain
@@ -28,6 +27,7 @@ from service.ledger.tables import (
     JobStatus,
     Model,
     Version,
+    utcnow,
 )
 from service.ledger.versions import version_records
 from service.suites import EvaluationPolicy, breaches, check_suite_params
@@ -90,15 +90,9 @@ def _add_evaluation(
     params: dict[str, Any],
     policy: EvaluationPolicy | None = None,
 ) -> tuple[Job, Evaluation]:
-    job = Job(
-        model_id=model_id,
-        kind=JobKind.evaluation,
-        status=JobStatus.queued,
-        progress=0.0,
-        payload={"suite": suite, "version": version.number},
+    job = add_job(
+        session, model_id, JobKind.evaluation, {"suite": suite, "version": version.number}
     )
-    session.add(job)
-    session.flush()
     evaluation = Evaluation(
         model_id=model_id,
         job_id=job.id,
@@ -204,17 +198,13 @@ def list_evaluations(
 # -- the worker's side -------------------------------------------------------------------
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def start_evaluation(session: Session, job_id: str) -> Evaluation:
     """The evaluation row of job ``job_id``, marked running."""
     ev = session.scalar(select(Evaluation).where(Evaluation.job_id == job_id))
     if ev is None:
         raise LookupError(f"job {job_id} has no evaluation row")
     ev.status = JobStatus.running
-    ev.started_at = ev.started_at or _now()
+    ev.started_at = ev.started_at or utcnow()
     return ev
 
 
@@ -222,7 +212,7 @@ def fail_evaluation(session: Session, job_id: str, reason: str) -> None:
     session.execute(
         update(Evaluation)
         .where(Evaluation.job_id == job_id)
-        .values(status=JobStatus.failed, error=reason, finished_at=_now())
+        .values(status=JobStatus.failed, error=reason, finished_at=utcnow())
     )
 
 
@@ -263,7 +253,7 @@ def store_result(
                 "breaches": json_safe(bad),
                 "missing": missing,
                 "action": spec.get("action", "alert"),
-                "raised_at": _now().isoformat(),
+                "raised_at": utcnow().isoformat(),
             }
             if bad and spec.get("action") == "rollback":
                 rollback_job, outcome = _queue_rollback(session, ev)
@@ -273,7 +263,7 @@ def store_result(
         "metrics": stored,
         "details": details,
         "timing": dict(timing),
-        "finished_at": _now(),
+        "finished_at": utcnow(),
         "passed": passed,
     }
     if alert is not None:
@@ -295,7 +285,7 @@ def store_result(
             progress=1.0,
             message=None,
             result=result,
-            finished_at=_now(),
+            finished_at=utcnow(),
         )
     )
     if alert is not None:

@@ -9,7 +9,6 @@ import logging
 import typing
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -19,13 +18,30 @@ from sqlalchemy.orm import Session, joinedload
 
 from service.errors import InvalidInput, NotFound
 from service.ledger.models import get_model, head_version_number
-from service.ledger.tables import Edit, EditStatus, Evaluation, Job, JobKind, JobStatus, Version
+from service.ledger.tables import (
+    Edit,
+    EditStatus,
+    Evaluation,
+    Job,
+    JobKind,
+    JobStatus,
+    Version,
+    utcnow,
+)
 from service.schemas import Batching, EditRequestIn
 from service.validation import check_hparams, check_method
 
 log = logging.getLogger(__name__)
 
 BATCHING_MODES: tuple[str, ...] = typing.get_args(Batching)
+
+
+def add_job(session: Session, model_id: int, kind: JobKind, payload: dict[str, Any]) -> Job:
+    """A queued job of ``kind`` with its input ``payload`` (flushed: it has its id)."""
+    job = Job(model_id=model_id, kind=kind, status=JobStatus.queued, progress=0.0, payload=payload)
+    session.add(job)
+    session.flush()
+    return job
 
 
 def create_edit_job(
@@ -62,15 +78,12 @@ def create_edit_job(
         raise InvalidInput(
             "requests", f"at most {max_requests} requests per edit job (got {len(parsed)})"
         )
-    job = Job(
-        model_id=model.id,
-        kind=JobKind.edit,
-        status=JobStatus.queued,
-        progress=0.0,
-        payload={"method": method, "hparams": overrides, "batching": batching},
+    job = add_job(
+        session,
+        model.id,
+        JobKind.edit,
+        {"method": method, "hparams": overrides, "batching": batching},
     )
-    session.add(job)
-    session.flush()
     for position, req in enumerate(parsed):
         session.add(
             Edit(
@@ -120,15 +133,7 @@ def create_rollback_job(session: Session, model_name: str, to_version: int) -> J
         raise InvalidInput(
             "to_version", f"version {to_version} does not exist for model {model_name!r} ({have})"
         )
-    job = Job(
-        model_id=model.id,
-        kind=JobKind.rollback,
-        status=JobStatus.queued,
-        progress=0.0,
-        payload={"to_version": to_version},
-    )
-    session.add(job)
-    session.flush()
+    job = add_job(session, model.id, JobKind.rollback, {"to_version": to_version})
     log.info("job %s: rollback of %s to version %d", job.id, model_name, to_version)
     return job
 
@@ -151,10 +156,6 @@ def get_job(session: Session, job_id: str) -> Job:
 # -- the worker's side -------------------------------------------------------------------
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
 def start_job(session: Session, job_id: str, model_id: int) -> Job | None:
     """Mark a queued job of the model ``running`` (row-locked) and return it; None when
     it is not queued (finished, or taken into another job's batches): its queue entry
@@ -168,7 +169,7 @@ def start_job(session: Session, job_id: str, model_id: int) -> Job | None:
     if job.model_id != model_id:
         raise ValueError(f"job {job_id} belongs to another model")
     job.status = JobStatus.running
-    job.started_at = job.started_at or _now()
+    job.started_at = job.started_at or utcnow()
     return job
 
 
@@ -185,7 +186,7 @@ def finish(session: Session, job_ids: Sequence[str], result: dict[str, Any] | No
     values: dict[str, Any] = {
         "status": JobStatus.succeeded,
         "progress": 1.0,
-        "finished_at": _now(),
+        "finished_at": utcnow(),
         "message": None,
     }
     if result is not None:
@@ -202,7 +203,7 @@ def fail(session: Session, job_id: str, reason: str) -> None:
     session.execute(
         update(Job)
         .where(Job.id == job_id)
-        .values(status=JobStatus.failed, error=reason, finished_at=_now())
+        .values(status=JobStatus.failed, error=reason, finished_at=utcnow())
     )
     session.execute(
         update(Edit)
@@ -358,7 +359,7 @@ def claim_batchable(
         .where(Job.id.in_(ids))
         .values(
             status=JobStatus.running,
-            started_at=func.coalesce(Job.started_at, _now()),
+            started_at=func.coalesce(Job.started_at, utcnow()),
             message=f"taken into the batches of job {claimed_by}",
         )
     )

@@ -47,7 +47,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
-def _now() -> datetime:
+def utcnow() -> datetime:
+    """The time now, in UTC (every timestamp of the ledger)."""
     return datetime.now(UTC)
 
 
@@ -105,7 +106,7 @@ class Model(Base):
     architecture: Mapped[str | None] = mapped_column(String(64))
     # policy: snapshot_every, ... (per-model, JSON so later policies need no migration)
     policy: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     versions: Mapped[list[Version]] = relationship(back_populates="model")
 
@@ -125,7 +126,7 @@ class Job(Base):
     payload: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -155,9 +156,9 @@ class Edit(Base):
     # efficacy/paraphrase/neighborhood after, pre_* before, plus per-prompt log-probs
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     reason: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=_now, onupdate=_now
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
     )
 
     job: Mapped[Job] = relationship(back_populates="edits")
@@ -174,7 +175,7 @@ class Artifact(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     meta: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class Version(Base):
@@ -201,7 +202,7 @@ class Version(Base):
     timing: Mapped[dict[str, float]] = mapped_column(JSONType, default=dict)
     # code version, model revision, worker host, etc.
     info: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")
     edits: Mapped[list[Edit]] = relationship(back_populates="version")
@@ -247,7 +248,7 @@ class Evaluation(Base):
     alert: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     # seconds: sync, suite, total
     timing: Mapped[dict[str, float]] = mapped_column(JSONType, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -285,6 +286,6 @@ class GuardDecision(Base):
     measurements: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     # seconds the guard added to the edit (canary measurements and the decision)
     seconds: Mapped[float | None] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     version: Mapped[Version | None] = relationship(viewonly=True)

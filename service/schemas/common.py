@@ -4,10 +4,11 @@ conversions that let a response schema read an ORM row directly
 
 from __future__ import annotations
 
-import math
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict
+
+from service.jsonsafe import json_safe
 
 
 class Input(BaseModel):
@@ -32,8 +33,9 @@ def _list_or_empty(v: Any) -> Any:
 
 def _finite_or_none(v: Any) -> Any:
     """JSON has no inf/NaN: a non-finite headline number (a collapsed model's
-    perplexity) is null; the ``measurements`` of a row keep it as "inf"/"nan"."""
-    return v if v is None or (isinstance(v, int | float) and math.isfinite(v)) else None
+    perplexity) is null (:func:`service.jsonsafe.json_safe`); the ``measurements`` of a
+    row keep it as "inf"/"nan"."""
+    return json_safe(v) if isinstance(v, float) else v
 
 
 def _number_of(v: Any) -> Any:

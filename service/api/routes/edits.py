@@ -7,16 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi import status as http
 
-from service import ledger, queue
-from service.api.deps import (
-    ERRORS,
-    Cursor,
-    Limit,
-    RedisDep,
-    SessionDep,
-    SettingsDep,
-    worker_of,
-)
+from service import ledger
+from service.api.deps import ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.ledger.tables import EditStatus
 from service.schemas import EditCreate, EditJobCreated, EditPublic, EditsPublic
 
@@ -25,32 +17,25 @@ router = APIRouter(tags=["edits"])
 
 @router.post("/v1/models/{model}/edits", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
 def create_edits(
-    model: str,
-    body: EditCreate,
-    session: SessionDep,
-    redis: RedisDep,
-    settings: SettingsDep,
-    response: Response,
+    model: str, body: EditCreate, backends: BackendsDep, response: Response
 ) -> EditJobCreated:
     """Queue one job applying ``requests`` with ``method`` (ROME: one version per
     request, in order; MEMIT: batches of at most the model's ``max_batch`` requests,
     one version each, possibly shared with other jobs' requests unless ``batching``
     is ``alone``). Poll ``/v1/jobs/{job_id}``."""
     job = ledger.create_edit_job(
-        session,
+        backends.session,
         model,
         body.method,
         body.hparams,
         body.requests,
-        max_requests=settings.max_requests_per_edit,
+        max_requests=backends.settings.max_requests_per_edit,
         batching=body.batching,
     )
     created = EditJobCreated(
-        job_id=job.id, edit_ids=[e.id for e in job.edits], worker=worker_of(redis, settings, model)
+        job_id=job.id, edit_ids=[e.id for e in job.edits], worker=backends.worker(model)
     )
-    session.commit()  # the ledger row exists before the queue hears of it
-    queue.enqueue_job(redis, settings, model, job.id)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    backends.commit_and_queue(model, job.id, response)
     return created
 
 

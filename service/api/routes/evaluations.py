@@ -7,16 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi import status as http
 
-from service import ledger, queue
-from service.api.deps import (
-    ERRORS,
-    Cursor,
-    Limit,
-    RedisDep,
-    SessionDep,
-    SettingsDep,
-    worker_of,
-)
+from service import ledger
+from service.api.deps import ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.ledger.tables import Evaluation
 from service.schemas import (
     EvaluationCreate,
@@ -31,28 +23,21 @@ router = APIRouter(tags=["evaluations"])
 
 @router.post("/v1/models/{model}/evaluations", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
 def create_evaluation(
-    model: str,
-    body: EvaluationCreate,
-    session: SessionDep,
-    redis: RedisDep,
-    settings: SettingsDep,
-    response: Response,
+    model: str, body: EvaluationCreate, backends: BackendsDep, response: Response
 ) -> EvaluationJobCreated:
     """Queue a job running ``suite`` on ``version`` (default: the head now). The
     result is stored against that version; poll ``/v1/jobs/{job_id}`` or list the
     model's evaluations."""
     job, evaluation = ledger.create_evaluation_job(
-        session, model, body.suite, body.version, body.params
+        backends.session, model, body.suite, body.version, body.params
     )
     created = EvaluationJobCreated(
         job_id=job.id,
         evaluation_id=evaluation.id,
         version=evaluation.version,
-        worker=worker_of(redis, settings, model),
+        worker=backends.worker(model),
     )
-    session.commit()
-    queue.enqueue_evaluation(redis, settings, model, job.id)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    backends.commit_and_queue(model, job.id, response, evaluation=True)
     return created
 
 

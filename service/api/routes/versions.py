@@ -8,16 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi import status as http
 
-from service import ledger, queue
-from service.api.deps import (
-    ERRORS,
-    Cursor,
-    Limit,
-    RedisDep,
-    SessionDep,
-    SettingsDep,
-    worker_of,
-)
+from service import ledger
+from service.api.deps import ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.schemas import (
     GuardDecisionPublic,
     GuardDecisionsPublic,
@@ -43,19 +35,12 @@ def list_versions(
 
 @router.post("/v1/models/{model}/rollback", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
 def create_rollback(
-    model: str,
-    body: RollbackCreate,
-    session: SessionDep,
-    redis: RedisDep,
-    settings: SettingsDep,
-    response: Response,
+    model: str, body: RollbackCreate, backends: BackendsDep, response: Response
 ) -> JobCreated:
     """Queue a job appending a version whose weights equal ``to_version``'s."""
-    job_id = ledger.create_rollback_job(session, model, body.to_version).id
-    session.commit()
-    queue.enqueue_job(redis, settings, model, job_id)
-    response.headers["Location"] = f"/v1/jobs/{job_id}"
-    return JobCreated(job_id=job_id, worker=worker_of(redis, settings, model))
+    job_id = ledger.create_rollback_job(backends.session, model, body.to_version).id
+    backends.commit_and_queue(model, job_id, response)
+    return JobCreated(job_id=job_id, worker=backends.worker(model))
 
 
 @router.get("/v1/models/{model}/guard-decisions", responses=ERRORS)
