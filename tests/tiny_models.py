@@ -120,6 +120,14 @@ def tiny_model(kind: str, seed: int = 0) -> PreTrainedModel:
     return model
 
 
+def save_tiny(folder: Path, kind: str = "llama", seed: int = 0) -> Path:
+    """The tiny model of ``kind`` and the word tokenizer saved as a local model folder
+    (loaded with ``from_pretrained`` as a hub id would be)."""
+    tiny_model(kind, seed=seed).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def state_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A detached copy of every parameter and buffer, to check bit-identity later."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

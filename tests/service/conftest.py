@@ -1,15 +1,18 @@
-"""Fixtures for the service tests: API settings with small limits and a TestClient."""
+"""Fixtures and helpers for the service tests: API settings with small limits, a
+TestClient, edit bodies, versions written as a worker writes them, error checks."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from redis import Redis
-from sqlalchemy import Engine
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
 
-from service.api import create_app
+from service import ledger
+from service.ledger.tables import Version, VersionKind
 from service.presence import Phase, Presence
 from service.redis_clients import command_client
 from service.settings import ModelSpec, Settings
@@ -39,10 +42,9 @@ def api_settings(settings: Settings) -> Settings:
 
 
 @pytest.fixture
-def client(api_settings: Settings, clean_db: Engine, redis_conn: Redis) -> Iterator[TestClient]:
+def client(api_settings: Settings, app_client: Callable[[Settings], TestClient]) -> TestClient:
     """The API on an emptied ledger and a flushed Redis, lifespan run."""
-    with TestClient(create_app(api_settings)) as c:
-        yield c
+    return app_client(api_settings)
 
 
 def edit_request(**overrides: object) -> dict[str, object]:
@@ -72,3 +74,67 @@ def announce(settings: Settings, model: str, phase: Phase = Phase.ready, **kw: o
     )
     presence.set(phase, **kw)  # type: ignore[arg-type]
     return presence
+
+
+# an evaluation policy: retention every 2 versions, a breach rolls back
+POLICY = {
+    "name": "forgetting",
+    "suite": "retention",
+    "every_versions": 2,
+    "thresholds": {"retention": {"min": 0.8}},
+    "action": "rollback",
+}
+
+# the worker object of a model that no worker serves (GET /v1/models, 202 bodies)
+NO_WORKER = {
+    "state": "no worker",
+    "workers": 0,
+    "progress": None,
+    "message": None,
+    "version": None,
+    "since": None,
+}
+
+
+def counts(engine: Engine, *tables: type) -> tuple[int, ...]:
+    """The number of rows of each table, in a session of its own."""
+    with Session(engine) as s:
+        return tuple(s.scalar(select(func.count()).select_from(t)) for t in tables)
+
+
+def error_fields(resp: Any, status: int) -> list[str]:
+    """The fields an error answer names (its status asserted, its detail led by the first)."""
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["detail"].startswith(f"{body['errors'][0]['field']}: ")
+    return [e["field"] for e in body["errors"]]
+
+
+def assert_names_field(resp: Any, status: int, field: str) -> dict[str, Any]:
+    """Assert that an error answer of ``status`` names ``field``; its body."""
+    assert field in error_fields(resp, status), resp.json()
+    return resp.json()
+
+
+def add_versions(session: Session, model_name: str, n: int) -> None:
+    """Versions 0..n-1 as a worker writes them (it fills in the base version that
+    :func:`ledger.sync_models` wrote, if there is one)."""
+    model = ledger.get_model(session, model_name)
+    base = session.scalar(select(Version).where(Version.model_id == model.id, Version.number == 0))
+    if base is not None:
+        base.tensor_sha256 = {"w": f"{0:064x}"}
+    for number in range(1 if base is not None else 0, n):
+        session.add(
+            Version(
+                model_id=model.id,
+                number=number,
+                kind=VersionKind.base if number == 0 else VersionKind.edit,
+                parent_number=None if number == 0 else number - 1,
+                method=None if number == 0 else "rome",
+                tensor_sha256={"w": f"{number:064x}"},
+                drift={} if number == 0 else {"model.layers.4.mlp.down_proj.weight": 0.01 * number},
+                update_norm=None if number == 0 else float(number),
+                timing={} if number == 0 else {"compute_s": 1.5},
+            )
+        )
+    session.commit()

@@ -1,5 +1,5 @@
-"""Fixtures every test of the editing library shares: one torch thread, the tiny
-models' word tokenizer, a statistics cache folder per module."""
+"""Fixtures every worker test shares: one torch thread, the tiny models' word
+tokenizer, a statistics cache folder per module, the tiny LLaMA saved as a model folder."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from tests.tiny_models import word_tokenizer
+from tests.tiny_models import save_tiny, word_tokenizer
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,3 +30,10 @@ def tok() -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def stats_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stats")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaMA (seed 0) saved once as a local model folder: what the end-to-end
+    tests' workers load. Read only (a test that needs other weights saves its own)."""
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")

@@ -34,7 +34,7 @@ from service.ledger.sessions import session_scope
 from service.ledger.tables import Edit, Job, JobStatus, Version
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
-from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
+from tests.tiny_models import TINY_OVERRIDES, save_tiny
 from workers.batching import subject_key
 from workers.startup import requeue_unfinished
 
@@ -50,17 +50,6 @@ FAST = {**TINY_OVERRIDES["memit"], "mom2_n_samples": 32, "mom2_sample_tokens": 1
         "v_num_grad_steps": 5}  # fmt: skip
 
 
-def save_tiny(folder: Path, kind: str) -> Path:
-    tiny_model(kind, seed=0).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
-
-
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Layer statistics, keyed by the base weights: shared by the module's tests."""
@@ -68,49 +57,27 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # The guard's rules are set for real models; on a random 4-layer model edits interfere
-# far more (a rejected batch would change what these tests count). test_guard_e2e.py
+# far more (a rejected batch would change what these tests count). jobs/test_guard.py
 # tests the guard.
 NO_GUARD = GuardPolicy(enabled=False)
 
 
 @pytest.fixture
 def configure(
-    settings: Settings, llama_dir: Path, cache_dir: Path, tmp_path: Path
+    model_settings: Callable[..., Settings], tiny_dir: Path, cache_dir: Path
 ) -> Callable[..., Settings]:
     """Settings with the tiny model under a given batching policy."""
 
     def make(max_batch: int = 4, max_wait_ms: int = 0, source: Path | None = None) -> Settings:
         spec = ModelSpec(
-            source=str(source or llama_dir),
+            source=str(source or tiny_dir),
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             guard=NO_GUARD,
         )
-        return settings.model_copy(
-            update={
-                "models": {MODEL: spec},
-                "artifact_dir": tmp_path / "artifacts",
-                "cache_dir": cache_dir,
-                "warm_statistics": False,
-            }
-        )
+        return model_settings(MODEL, spec, cache_dir=cache_dir)
 
     return make
-
-
-@pytest.fixture
-def api(clean_db: Engine, redis_conn: Redis) -> Iterator[Callable[[Settings], TestClient]]:
-    clients: list[TestClient] = []
-
-    def make(settings: Settings) -> TestClient:
-        client = TestClient(create_app(settings))
-        client.__enter__()
-        clients.append(client)
-        return client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
 
 
 def request(subject: str, city: int = 0, prompt: str = "{} was born in") -> dict[str, Any]:
@@ -164,10 +131,13 @@ def batches(client: TestClient) -> dict[int, list[str]]:
 
 
 def test_queued_single_edits_are_applied_as_batches_of_max_batch(
-    configure: Callable[..., Settings], api: Any, redis_conn: Redis, db_engine: Engine
+    configure: Callable[..., Settings],
+    app_client: Callable[[Settings], TestClient],
+    redis_conn: Redis,
+    db_engine: Engine,
 ) -> None:
     settings = configure(max_batch=4)
-    client = api(settings)
+    client = app_client(settings)
     state = harness.start_worker(MODEL, settings)
     jobs = [post(client, request(NAMES[i], i)) for i in range(10)]
     drain(settings, redis_conn)
@@ -202,10 +172,12 @@ def test_queued_single_edits_are_applied_as_batches_of_max_batch(
 
 
 def test_same_subject_requests_never_share_a_version(
-    configure: Callable[..., Settings], api: Any, redis_conn: Redis
+    configure: Callable[..., Settings],
+    app_client: Callable[[Settings], TestClient],
+    redis_conn: Redis,
 ) -> None:
     settings = configure(max_batch=4)
-    client = api(settings)
+    client = app_client(settings)
     harness.start_worker(MODEL, settings)
     jobs = [
         post(client, request("The Eiffel Tower", 0, "{} is located in")),
@@ -229,10 +201,12 @@ def test_same_subject_requests_never_share_a_version(
 
 
 def test_alone_is_applied_by_itself_and_no_job_overtakes_it(
-    configure: Callable[..., Settings], api: Any, redis_conn: Redis
+    configure: Callable[..., Settings],
+    app_client: Callable[[Settings], TestClient],
+    redis_conn: Redis,
 ) -> None:
     settings = configure(max_batch=8)
-    client = api(settings)
+    client = app_client(settings)
     harness.start_worker(MODEL, settings)
     alone = post(client, request("Mozart", 0), request("Curie", 1), batching="alone")
     a = post(client, request("Newton", 2))
@@ -250,10 +224,12 @@ def test_alone_is_applied_by_itself_and_no_job_overtakes_it(
 
 
 def test_different_hparams_or_methods_are_not_mixed(
-    configure: Callable[..., Settings], api: Any, redis_conn: Redis
+    configure: Callable[..., Settings],
+    app_client: Callable[[Settings], TestClient],
+    redis_conn: Redis,
 ) -> None:
     settings = configure(max_batch=8)
-    client = api(settings)
+    client = app_client(settings)
     harness.start_worker(MODEL, settings)
     a = post(client, request("Mozart", 0), hparams={"v_lr": 0.5, "kl_factor": 0.1})
     b = post(client, request("Curie", 1), hparams={"kl_factor": 0.1, "v_lr": 0.5})  # same
@@ -278,11 +254,14 @@ def test_different_hparams_or_methods_are_not_mixed(
 
 
 def test_max_wait_is_honoured(
-    configure: Callable[..., Settings], api: Any, redis_conn: Redis, db_engine: Engine
+    configure: Callable[..., Settings],
+    app_client: Callable[[Settings], TestClient],
+    redis_conn: Redis,
+    db_engine: Engine,
 ) -> None:
     # nothing else queued: the writer waits the whole window, then applies the one edit
     settings = configure(max_batch=2, max_wait_ms=400)
-    client = api(settings)
+    client = app_client(settings)
     harness.start_worker(MODEL, settings)
     post(client, request("Mozart", 0))
     drain(settings, redis_conn)
@@ -329,11 +308,14 @@ def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_failing_batch_fails_only_the_job_that_fails(
-    configure: Callable[..., Settings], api: Any, redis_conn: Redis, gpt2_dir: Path
+    configure: Callable[..., Settings],
+    app_client: Callable[[Settings], TestClient],
+    redis_conn: Redis,
+    gpt2_dir: Path,
 ) -> None:
     # tiny GPT-2 has 64 positions: a prompt longer than that fails in the worker
     settings = configure(max_batch=2, source=gpt2_dir)
-    client = api(settings)
+    client = app_client(settings)
     state = harness.start_worker(MODEL, settings)
     long_prompt = "{} was born in " + " ".join(["the city of Rome"] * 20) + " and lives in"
     ok1 = post(client, request("Mozart", 0))
@@ -362,13 +344,13 @@ def test_a_failing_batch_fails_only_the_job_that_fails(
 
 def test_worker_killed_mid_batch_loses_nothing(
     configure: Callable[..., Settings],
-    api: Any,
+    app_client: Callable[[Settings], TestClient],
     redis_conn: Redis,
     db_engine: Engine,
     tmp_path: Path,
 ) -> None:
     settings = configure(max_batch=4)
-    client = api(settings)
+    client = app_client(settings)
     # slow enough to kill the worker while it computes the second batch
     slow = {"v_num_grad_steps": 30, "v_prob_threshold": 1.0}
     jobs = [
@@ -434,11 +416,14 @@ def test_worker_killed_mid_batch_loses_nothing(
 
 
 def test_requeue_resets_a_claimed_job_whose_queue_entry_survived(
-    configure: Callable[..., Settings], api: Any, redis_conn: Redis, db_engine: Engine
+    configure: Callable[..., Settings],
+    app_client: Callable[[Settings], TestClient],
+    redis_conn: Redis,
+    db_engine: Engine,
 ) -> None:
     # a worker died right after claiming b, before it deleted b's rq entry
     settings = configure(max_batch=4)
-    client = api(settings)
+    client = app_client(settings)
     a = post(client, request("Mozart", 0))
     b = post(client, request("Curie", 1))
     with session_scope(db_engine) as s:

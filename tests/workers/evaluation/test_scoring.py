@@ -310,7 +310,7 @@ def test_paired_target_logprobs_share_inputs_and_work_without_logits_to_keep() -
 
 
 # -- the real model ---------------------------------------------------------------------
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _shared_data() -> Path:

@@ -1,32 +1,22 @@
-"""Evaluations and evaluation policies through the API, against the real ledger and
-Redis (no worker runs here: the end-to-end runs are in tests/workers)."""
+"""Evaluations and evaluation policies through the API (service/api/routes/evaluations.py,
+PUT .../policy of routes/models.py), against the real ledger and Redis (no worker runs
+here: the end-to-end runs are in tests/workers/jobs)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from service import ledger
 from service.ledger.tables import Evaluation, Job, JobKind, JobStatus, Model
-from service.settings import ModelSpec, Settings
-from service.suites import (
-    SUITE_NAMES,
-    SUITE_PARAMS,
-    EvaluationPolicy,
-    breaches,
-    check_suite_params,
-    resolve_data_path,
-)
-
-from .conftest import MODEL, OTHER
-from .test_ledger import add_versions
+from service.settings import Settings
+from tests.service.conftest import MODEL, OTHER, POLICY, add_versions, counts, error_fields
 
 RECORD = {
     "case_id": 7,
@@ -39,21 +29,6 @@ RECORD = {
     "paraphrase_prompts": ["The Eiffel Tower stands in"],
     "neighborhood_prompts": ["The Louvre is located in"],
 }
-
-
-def _counts(engine: Engine) -> tuple[int, int]:
-    with Session(engine) as s:
-        return (
-            s.scalar(select(func.count()).select_from(Job)),
-            s.scalar(select(func.count()).select_from(Evaluation)),
-        )
-
-
-def _error_fields(resp: Any, status: int) -> list[str]:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert body["detail"].startswith(f"{body['errors'][0]['field']}: ")
-    return [e["field"] for e in body["errors"]]
 
 
 @pytest.fixture
@@ -143,18 +118,18 @@ def test_invalid_evaluations_name_the_field_and_store_nothing(
     client: TestClient, versions: Engine, redis_conn: Redis, body: dict, field: str
 ) -> None:
     resp = client.post(f"/v1/models/{MODEL}/evaluations", json=body)
-    assert field in _error_fields(resp, 422)
-    assert _counts(versions) == (0, 0)
+    assert field in error_fields(resp, 422)
+    assert counts(versions, Job, Evaluation) == (0, 0)
     assert redis_conn.keys("*") == []
 
 
 def test_unknown_version_or_model_is_404(client: TestClient, versions: Engine) -> None:
     resp = client.post(f"/v1/models/{MODEL}/evaluations", json={"suite": "fluency", "version": 9})
-    assert _error_fields(resp, 404) == ["version"]
+    assert error_fields(resp, 404) == ["version"]
     assert "0..3" in resp.json()["detail"]
     resp = client.post("/v1/models/nope/evaluations", json={"suite": "fluency"})
-    assert _error_fields(resp, 404) == ["model"]
-    assert _counts(versions) == (0, 0)
+    assert error_fields(resp, 404) == ["model"]
+    assert counts(versions, Job, Evaluation) == (0, 0)
 
 
 def test_an_evaluation_before_any_worker_waits_for_one(
@@ -167,7 +142,7 @@ def test_an_evaluation_before_any_worker_waits_for_one(
     assert resp.json()["version"] == 0
     assert resp.json()["worker"]["state"] == "no worker"
     resp = client.post(f"/v1/models/{OTHER}/evaluations", json={"suite": "fluency", "version": 1})
-    assert _error_fields(resp, 404) == ["version"]
+    assert error_fields(resp, 404) == ["version"]
     assert "its versions are 0..0" in resp.json()["detail"]
 
 
@@ -216,8 +191,8 @@ def test_listing_is_a_time_series_by_version_then_time(
     assert [e["id"] for e in page2["items"]] == [asked[2], asked[0]]
     assert page2["next_cursor"] is None
     bad = client.get(f"/v1/models/{MODEL}/alerts", params={"cursor": page1["next_cursor"]})
-    assert _error_fields(bad, 422) == ["cursor"]
-    assert "suite" in _error_fields(
+    assert error_fields(bad, 422) == ["cursor"]
+    assert "suite" in error_fields(
         client.get(f"/v1/models/{MODEL}/evaluations", params={"suite": "x"}), 422
     )
 
@@ -226,16 +201,7 @@ def test_listing_is_a_time_series_by_version_then_time(
     one = client.get(f"/v1/models/{MODEL}/evaluations/{asked[1]}").json()
     assert one["details"] == {"records": [1, 2]}
     missing = client.get(f"/v1/models/{MODEL}/evaluations/999999")
-    assert _error_fields(missing, 404) == ["evaluation_id"]
-
-
-POLICY = {
-    "name": "forgetting",
-    "suite": "retention",
-    "every_versions": 2,
-    "thresholds": {"retention": {"min": 0.8}},
-    "action": "rollback",
-}
+    assert error_fields(missing, 404) == ["evaluation_id"]
 
 
 def test_policy_is_set_validated_and_shown(client: TestClient, clean_db: Engine) -> None:
@@ -268,22 +234,11 @@ def test_policy_is_set_validated_and_shown(client: TestClient, clean_db: Engine)
     ]
     for body, field in bad_cases:
         r = client.put(f"/v1/models/{MODEL}/policy", json=body)
-        assert field in _error_fields(r, 422), (body, r.json())
+        assert field in error_fields(r, 422), (body, r.json())
     assert client.put("/v1/models/nope/policy", json={"evaluations": []}).status_code == 404
     with Session(clean_db) as s:  # unchanged by the refused updates
         row = s.scalar(select(Model).where(Model.name == MODEL))
         assert [p["name"] for p in row.policy["evaluations"]] == ["forgetting", "fluency"]
-
-
-def test_settings_seed_the_policy_of_a_new_model_row(
-    api_settings: Settings, session: Session
-) -> None:
-    spec = ModelSpec(source="x", evaluations=[EvaluationPolicy.model_validate(POLICY)])
-    ledger.sync_models(session, api_settings.model_copy(update={"models": {"seeded": spec}}))
-    session.commit()
-    row = ledger.get_model(session, "seeded")
-    assert row.policy["evaluations"][0]["name"] == "forgetting"
-    assert row.policy["evaluations"][0]["thresholds"] == {"retention": {"min": 0.8, "max": None}}
 
 
 def test_policy_scheduling_every_n_versions_is_idempotent(
@@ -306,35 +261,6 @@ def test_policy_scheduling_every_n_versions_is_idempotent(
         ]
         assert rows[0].policy_spec["thresholds"] == {"retention": {"min": 0.8, "max": None}}
         assert {j.kind for j in s.scalars(select(Job))} == {JobKind.evaluation}
-
-
-def test_breaches() -> None:
-    thresholds = {"efficacy": {"min": 0.9}, "perplexity": {"max": 50.0}, "nope": {"min": 0}}
-    bad, missing = breaches({"efficacy": 0.95, "perplexity": 80.0}, thresholds)
-    assert bad == [{"metric": "perplexity", "value": 80.0, "max": 50.0}]
-    assert missing == ["nope"]
-    bad, _ = breaches({"efficacy": float("nan"), "perplexity": float("inf")}, thresholds)
-    assert [b["metric"] for b in bad] == ["efficacy", "perplexity"]
-    assert breaches({"efficacy": 0.9}, {"efficacy": {"min": 0.9}}) == ([], [])
-
-
-def test_data_paths_resolve_inside_the_root_only(tmp_path: Path) -> None:
-    root = tmp_path / "data"
-    (root / "sub").mkdir(parents=True)
-    (tmp_path / "outside.jsonl").write_text("{}\n")
-    (root / "link.jsonl").symlink_to(tmp_path / "outside.jsonl")
-    assert resolve_data_path(root, "sub/a.jsonl") == (root / "sub" / "a.jsonl").resolve()
-    assert resolve_data_path(root, str(root / "b.jsonl")) == (root / "b.jsonl").resolve()
-    assert resolve_data_path(root, "sub/../c.jsonl") == (root / "c.jsonl").resolve()
-    for bad in ("../outside.jsonl", str(tmp_path / "outside.jsonl"), "link.jsonl", "/etc/passwd"):
-        with pytest.raises(ValueError, match="data root|outside"):
-            resolve_data_path(root, bad)
-
-
-def test_every_suite_has_a_param_schema() -> None:
-    assert set(SUITE_PARAMS) == set(SUITE_NAMES)
-    assert check_suite_params("downstream", {}) == {}
-    assert check_suite_params("retention", {"limit": 5}) == {"limit": 5}
 
 
 def test_a_stored_policy_that_no_longer_validates_is_skipped(

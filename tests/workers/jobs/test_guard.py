@@ -9,7 +9,7 @@ offending request is rejected.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,58 +18,28 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from sqlalchemy import Engine, select
 
-from service.api import create_app
 from service.ledger.sessions import session_scope
 from service.ledger.tables import GuardDecision, Version
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
-from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
+from tests.tiny_models import TINY_OVERRIDES
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "tiny"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", seed=0).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def configured(
-    settings: Settings, tiny_dir: Path, tmp_path: Path, max_batch: int, **guard: Any
-) -> Settings:
-    spec = ModelSpec(
-        source=str(tiny_dir), max_batch=max_batch, max_wait_ms=0, guard=GuardPolicy(**guard)
-    )
-    return settings.model_copy(
-        update={
-            "models": {MODEL: spec},
-            "artifact_dir": tmp_path / "artifacts",
-            "cache_dir": tmp_path / "cache",
-            "warm_statistics": False,
-            "sync_timeout_s": 60.0,
-        }
-    )
-
-
 @pytest.fixture
-def client_for(
-    clean_db: Engine, redis_conn: Redis
-) -> Iterator[Any]:  # a function: settings → TestClient
-    clients: list[TestClient] = []
+def configured(model_settings: Callable[..., Settings], tiny_dir: Path) -> Callable[..., Settings]:
+    """``configured(max_batch, **guard)``: the tiny model under that guard policy."""
 
-    def make(settings: Settings) -> TestClient:
-        c = TestClient(create_app(settings))
-        c.__enter__()
-        clients.append(c)
-        return c
+    def make(max_batch: int, **guard: Any) -> Settings:
+        spec = ModelSpec(
+            source=str(tiny_dir), max_batch=max_batch, max_wait_ms=0, guard=GuardPolicy(**guard)
+        )
+        return model_settings(MODEL, spec, sync_timeout_s=60.0)
 
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+    return make
 
 
 def request(subject: str, new: str, true: str) -> dict[str, Any]:
@@ -101,17 +71,15 @@ def decisions(engine: Engine) -> list[GuardDecision]:
 
 
 def test_disabling_update_is_rejected_and_nothing_is_committed(
-    settings: Settings,
-    tiny_dir: Path,
-    tmp_path: Path,
-    client_for: Any,
+    configured: Callable[..., Settings],
+    app_client: Callable[[Settings], TestClient],
     redis_conn: Redis,
     db_engine: Engine,
     measurements: list[str],
 ) -> None:
     # the norm rule after three accepted FT-L updates (the default waits for ten)
-    cfg = configured(settings, tiny_dir, tmp_path, max_batch=1, norm_min_history=3)
-    client = client_for(cfg)
+    cfg = configured(max_batch=1, norm_min_history=3)
+    client = app_client(cfg)
     state = harness.start_worker(MODEL, cfg)
     people = [("Mozart", "Rome"), ("Picasso", "Berlin"), ("Einstein", "London"), ("Curie", "Tokyo")]
     ordinary = post(client, "ft_l", [request(s, c, "Paris") for s, c in people])
@@ -191,10 +159,8 @@ def test_disabling_update_is_rejected_and_nothing_is_committed(
 
 
 def test_a_rejected_batch_is_retried_per_job_and_only_the_offender_is_rejected(
-    settings: Settings,
-    tiny_dir: Path,
-    tmp_path: Path,
-    client_for: Any,
+    configured: Callable[..., Settings],
+    app_client: Callable[[Settings], TestClient],
     redis_conn: Redis,
     db_engine: Engine,
 ) -> None:
@@ -205,8 +171,8 @@ def test_a_rejected_batch_is_retried_per_job_and_only_the_offender_is_rejected(
     mostly ``<unk>`` in the tiny vocabulary, so editing that key moves their
     perplexity too: this test sets the perplexity rule aside to isolate the recall
     rule."""
-    cfg = configured(settings, tiny_dir, tmp_path, max_batch=4, perplexity_ratio=1000.0)
-    client = client_for(cfg)
+    cfg = configured(max_batch=4, perplexity_ratio=1000.0)
+    client = app_client(cfg)
     harness.start_worker(MODEL, cfg)
     unknown = ["Xavier", "Yolanda", "Zora", "Walter", "Victor", "Ursula"]
     first = post(client, "ft_l", [request(s, "Rome", "Paris") for s in unknown])

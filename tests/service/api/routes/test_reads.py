@@ -26,11 +26,11 @@ from service.api import create_app
 from service.presence import Phase
 from service.redis_clients import COMMAND_TIMEOUT_S
 from service.settings import Settings
+from tests.service.conftest import MODEL, OTHER, announce
 
 from . import fake_worker
-from .conftest import MODEL, OTHER, announce
 
-FAKE = "tests.service.fake_worker"
+FAKE = "tests.service.api.routes.fake_worker"
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,11 @@ from redis import Redis
 from rq import Queue
 from sqlalchemy import Engine, select
 
-from service.api import create_app
 from service.ledger.sessions import session_scope
 from service.ledger.tables import Artifact, Version
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
-from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
+from tests.tiny_models import TINY_OVERRIDES
 from workers.editing.hparams import hparams_class
 from workers.editing.types import DenseUpdate, WeightDelta
 from workers.worker import WorkerState
@@ -40,37 +39,17 @@ CITIES = ["Rome", "Berlin", "London", "Madrid", "Tokyo",
 FAST = {"mom2_n_samples": 32, "mom2_sample_tokens": 16}
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", seed=0).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
+@pytest.fixture
+def e2e_settings(model_settings: Callable[..., Settings], tiny_dir: Path) -> Settings:
+    # the guard's rules are set for real models; on this random 4-layer model ten
+    # rank-one edits interfere far more (tests/workers/jobs/test_guard.py tests the guard)
+    spec = ModelSpec(source=str(tiny_dir), snapshot_every=3, guard=GuardPolicy(enabled=False))
+    return model_settings(MODEL, spec, sync_timeout_s=60.0)
 
 
 @pytest.fixture
-def e2e_settings(settings: Settings, tiny_dir: Path, tmp_path: Path) -> Settings:
-    return settings.model_copy(
-        update={
-            # the guard's rules are set for real models; on this random 4-layer model
-            # ten rank-one edits interfere far more (test_guard_e2e.py tests the guard)
-            "models": {
-                MODEL: ModelSpec(
-                    source=str(tiny_dir), snapshot_every=3, guard=GuardPolicy(enabled=False)
-                )
-            },
-            "artifact_dir": tmp_path / "artifacts",
-            "cache_dir": tmp_path / "cache",
-            "warm_statistics": False,
-            "sync_timeout_s": 60.0,
-        }
-    )
-
-
-@pytest.fixture
-def client(e2e_settings: Settings, clean_db: Engine, redis_conn: Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(e2e_settings)) as c:
-        yield c
+def client(e2e_settings: Settings, app_client: Callable[[Settings], TestClient]) -> TestClient:
+    return app_client(e2e_settings)
 
 
 def start_worker(settings: Settings) -> WorkerState:

@@ -5,7 +5,7 @@ where it is. Real Redis, real rq, real PostgreSQL for the tiny-model case."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,18 +155,9 @@ def test_a_failed_start_up_stops_the_worker_and_runs_no_edit(
 
 
 @pytest.fixture
-def tiny_settings(settings: Settings, tmp_path: Path) -> Settings:
-    folder = tmp_path / "tiny"
-    tiny_model("llama", seed=0).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return settings.model_copy(
-        update={
-            "models": {MODEL: ModelSpec(source=str(folder), guard=GuardPolicy(enabled=False))},
-            "artifact_dir": tmp_path / "artifacts",
-            "cache_dir": tmp_path / "cache",
-            "warm_statistics": True,
-        }
-    )
+def tiny_settings(model_settings: Callable[..., Settings], tiny_dir: Path) -> Settings:
+    spec = ModelSpec(source=str(tiny_dir), guard=GuardPolicy(enabled=False))
+    return model_settings(MODEL, spec, warm_statistics=True)
 
 
 @needs_state

@@ -32,7 +32,7 @@ from workers.evaluation.downstream_tasks import (
     render_prompt,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FIXTURES = examples_dir()
 ALL_TASKS = sorted(LOCAL_TASKS)
 

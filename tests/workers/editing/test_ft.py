@@ -19,7 +19,7 @@ from tests.tiny_models import (
     tiny_hparams,
     tiny_model,
 )
-from tests.workers.test_editors import apply_via_runtime, next_token_probs
+from tests.workers.editing.test_editors import apply_via_runtime, next_token_probs
 from workers.editing import registry
 from workers.editing.common.base import EditError
 from workers.editing.common.replay import BlockReplay

@@ -18,7 +18,7 @@ from workers.evaluation.scoring import counterfact_scores, target_logprobs
 from workers.evaluation.suites import SUITES, load_suite
 
 SHARED_DATA = Path(
-    os.environ.get("MEMEDIT_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data"
+    os.environ.get("MEMEDIT_SHARED_DATA") or Path(__file__).resolve().parents[4] / "shared" / "data"
 )
 
 FACTS = [

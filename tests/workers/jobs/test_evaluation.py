@@ -9,7 +9,7 @@ LLaMA is saved to a folder and loaded from there by the worker.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
-from sqlalchemy import Engine
 
-from service.api import create_app
 from service.settings import ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES, tiny_model, word_tokenizer
@@ -35,14 +33,6 @@ SUBJECTS = ["Mozart", "Picasso", "Einstein", "Curie", "Newton", "Darwin"]
 CITIES = ["Rome", "Berlin", "London", "Madrid", "Tokyo", "Moscow"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama-eval")
-    tiny_model("llama", seed=0).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture
 def data_root(tmp_path: Path) -> Path:
     root = tmp_path / "data"
@@ -51,22 +41,16 @@ def data_root(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def e2e_settings(settings: Settings, tiny_dir: Path, tmp_path: Path, data_root: Path) -> Settings:
-    return settings.model_copy(
-        update={
-            "models": {MODEL: ModelSpec(source=str(tiny_dir), snapshot_every=3)},
-            "artifact_dir": tmp_path / "artifacts",
-            "cache_dir": tmp_path / "cache",
-            "warm_statistics": False,
-            "data_root": data_root,
-        }
-    )
+def e2e_settings(
+    model_settings: Callable[..., Settings], tiny_dir: Path, data_root: Path
+) -> Settings:
+    spec = ModelSpec(source=str(tiny_dir), snapshot_every=3)
+    return model_settings(MODEL, spec, data_root=data_root)
 
 
 @pytest.fixture
-def client(e2e_settings: Settings, clean_db: Engine, redis_conn: Redis) -> Iterator[TestClient]:
-    with TestClient(create_app(e2e_settings)) as c:
-        yield c
+def client(e2e_settings: Settings, app_client: Callable[[Settings], TestClient]) -> TestClient:
+    return app_client(e2e_settings)
 
 
 def _fact(i: int) -> tuple[str, str, str, str]:
@@ -74,7 +58,7 @@ def _fact(i: int) -> tuple[str, str, str, str]:
 
 
 def edit_body(indices: list[int]) -> dict[str, Any]:
-    # C₀ off, as the ROME test of tests/workers/test_jobs_e2e.py (no statistics needed)
+    # C₀ off, as the ROME test of tests/workers/jobs/test_edit.py (no statistics needed)
     return {
         "method": "rome",
         "hparams": {**TINY_OVERRIDES["rome"], "mom2_adjustment": False},

@@ -1,0 +1,25 @@
+"""The app as a whole (service/api/main.py): its OpenAPI contract."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+
+def test_openapi_lists_the_contract(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert set(paths) == {
+        "/healthz",
+        "/v1/models",
+        "/v1/models/{model}/edits",
+        "/v1/jobs/{job_id}",
+        "/v1/models/{model}/versions",
+        "/v1/models/{model}/rollback",
+        "/v1/models/{model}/score",
+        "/v1/models/{model}/generate",
+        "/v1/models/{model}/evaluations",
+        "/v1/models/{model}/evaluations/{evaluation_id}",
+        "/v1/models/{model}/alerts",
+        "/v1/models/{model}/policy",
+        "/v1/models/{model}/guard-decisions",
+    }
+    assert client.get("/docs").status_code == 200
