@@ -7,6 +7,7 @@ starts the API and the worker as child processes.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import os
@@ -38,6 +39,27 @@ def _setup_logging(level: str) -> None:
 
 LogLevel = Annotated[str, typer.Option(help="Logging level.")]
 
+# ``memedit up`` polls ``GET /v1/models`` with this query while the worker starts;
+# the API's access log leaves those polls out (a line a second otherwise)
+UP_POLL_QUERY = "poll=memedit-up"
+
+
+class QuietPolls(logging.Filter):
+    """Drop uvicorn's access-log records of ``memedit up``'s own polls."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and len(args) > 2 and UP_POLL_QUERY in str(args[2]))
+
+
+def _uvicorn_log_config() -> dict:
+    from uvicorn.config import LOGGING_CONFIG  # noqa: PLC0415
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config.setdefault("filters", {})["quiet_polls"] = {"()": QuietPolls}
+    config["loggers"]["uvicorn.access"]["filters"] = ["quiet_polls"]
+    return config
+
 
 @app.command()
 def migrate(log_level: LogLevel = "info") -> None:
@@ -59,7 +81,14 @@ def api(
     import uvicorn  # noqa: PLC0415
 
     _setup_logging(log_level)
-    uvicorn.run("service.api:create_app", factory=True, host=host, port=port, log_level=log_level)
+    uvicorn.run(
+        "service.api:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        log_level=log_level,
+        log_config=_uvicorn_log_config(),
+    )
 
 
 @app.command()
@@ -209,7 +238,7 @@ def _worker_state(url: str, model: str) -> str | None:
 
 def _model_worker(url: str, model: str) -> dict | None:
     try:
-        response = httpx.get(f"{url}/v1/models", timeout=5.0)
+        response = httpx.get(f"{url}/v1/models?{UP_POLL_QUERY}", timeout=5.0)
         if response.status_code != 200:
             return None
         for m in response.json():

@@ -7,8 +7,8 @@ string that only the worker process resolves. Two kinds of work:
   ``workers.jobs.run_job(job_id)``, with the rq job id equal to the ledger job id;
   evaluation jobs go the same way to ``settings.eval_queue(model)``, which the
   writer serves after its edits (:func:`enqueue_evaluation`).
-  The caller commits the ledger row first; Redis only carries the id, and a
-  worker re-enqueues ledger jobs that Redis lost.
+  The caller commits the ledger row first; Redis only carries the id, and the
+  model's writer re-enqueues ledger jobs that Redis lost (workers/reconciler.py).
 - Score and generate go to ``settings.read_queue(model)`` and the API waits for
   the answer up to ``settings.sync_timeout_s`` (:func:`call_read`, on a client whose
   read timeout exceeds that wait: :mod:`service.redis_clients`). No worker serves
@@ -20,6 +20,7 @@ string that only the worker process resolves. Two kinds of work:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -28,7 +29,7 @@ from typing import Any, Literal
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue
-from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.exceptions import DuplicateJobError, InvalidJobOperation, NoSuchJobError
 from rq.job import Job as RqJob
 from rq.results import Result
 
@@ -52,10 +53,19 @@ _RETRY_AFTER_MAX_S = 600
 
 
 def enqueue_job(
-    redis: Redis, settings: Settings, model: str, job_id: str, *, queue_name: str | None = None
-) -> None:
+    redis: Redis,
+    settings: Settings,
+    model: str,
+    job_id: str,
+    *,
+    queue_name: str | None = None,
+) -> bool:
     """Queue ledger job ``job_id`` (edit or rollback) for ``model``'s writer worker
-    (on ``queue_name``, default the model's edit queue)."""
+    (on ``queue_name``, default the model's edit queue).
+
+    Returns False when Redis holds an entry for the job already (the reconciler, or
+    another API call, queued it): rq's ``unique`` enqueue refuses a second one.
+    Raises :class:`Unavailable` when Redis does not answer."""
     queue = Queue(queue_name or settings.edit_queue(model), connection=redis)
     try:
         queue.enqueue(
@@ -66,18 +76,39 @@ def enqueue_job(
             description=f"{RUN_JOB}({job_id!r}) for {model}",
             unique=True,
         )
+    except DuplicateJobError:
+        log.info("job %s is in Redis already", job_id)
+        return False
     except RedisError as exc:
-        raise Unavailable(
-            "redis",
-            f"job {job_id} is stored in the ledger but could not be queued ({exc}); "
-            "a worker re-enqueues it from the ledger when it starts",
-        ) from exc
+        raise Unavailable("redis", f"job {job_id} could not be queued ({exc})") from exc
     log.info("enqueued job %s on %s", job_id, queue.name)
+    return True
 
 
-def enqueue_evaluation(redis: Redis, settings: Settings, model: str, job_id: str) -> None:
+def waiting_ids(redis: Redis, queue_name: str) -> set[str]:
+    """The job ids waiting in the rq queue ``queue_name``."""
+    return set(Queue(queue_name, connection=redis).get_job_ids())
+
+
+def entry_status(redis: Redis, job_id: str) -> str | None:
+    """The status of the rq entry of ledger job ``job_id`` (``"queued"``,
+    ``"started"``, ``"finished"`` ...), or None when Redis has none."""
+    try:
+        return RqJob.fetch(job_id, connection=redis).get_status().value
+    except NoSuchJobError:
+        return None
+
+
+def drop_entry(redis: Redis, job_id: str) -> None:
+    """Delete the rq entry of ledger job ``job_id`` if there is one (a stale entry
+    would make the next unique enqueue a no-op)."""
+    with contextlib.suppress(NoSuchJobError):
+        RqJob.fetch(job_id, connection=redis).delete()
+
+
+def enqueue_evaluation(redis: Redis, settings: Settings, model: str, job_id: str) -> bool:
     """Queue ledger evaluation job ``job_id`` on ``model``'s evaluation queue."""
-    enqueue_job(redis, settings, model, job_id, queue_name=settings.eval_queue(model))
+    return enqueue_job(redis, settings, model, job_id, queue_name=settings.eval_queue(model))
 
 
 def call_read(

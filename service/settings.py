@@ -136,6 +136,12 @@ class Settings(BaseSettings):
     max_requests_per_edit: int = Field(64, ge=1)
     max_prompts_per_score: int = Field(256, ge=1)
     max_new_tokens: int = Field(256, ge=1)
+    # largest request body the API reads (bytes); a larger one is refused with 413
+    # before it is parsed (64 edit requests with a few paraphrases each are ~100 kB)
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    # how often a model's writer compares the ledger's queued jobs with its Redis
+    # queues and re-enqueues the ones Redis lost (a flush, a failed enqueue)
+    reconcile_interval_s: float = Field(10.0, gt=0)
     # how long the API waits for a worker to answer score/generate
     sync_timeout_s: float = Field(120.0, gt=0)
     # rq job timeout for edit and rollback jobs (no heartbeat while a job runs)

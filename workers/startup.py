@@ -18,9 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 from rq import Queue
-from rq.exceptions import NoSuchJobError
-from rq.job import Job as RqJob
-from rq.job import JobStatus as RqStatus
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 
 from service import VERSION, queue
@@ -104,20 +101,17 @@ def requeue_unfinished(state: WorkerState, edits: Queue) -> int:
     conn = edits.connection
     with state.ledger() as s:
         for job in ledger_jobs.unfinished_jobs(s, state.model_id):
-            try:
-                status = RqJob.fetch(job.id, connection=conn).get_status()
-            except NoSuchJobError:
-                status = None
+            status = queue.entry_status(conn, job.id)
             was_running = job.status is JobStatus.running
             if was_running:
                 # a job run or claimed by a worker that stopped; a queued rq entry
                 # would otherwise find it running and do nothing
                 ledger_jobs.put_back(s, job, "put back in the queue: the worker running it stopped")
-            if status in (RqStatus.QUEUED, RqStatus.DEFERRED, RqStatus.SCHEDULED):
+            if status in ("queued", "deferred", "scheduled"):
                 n += was_running
                 continue
             if status is not None:
-                RqJob.fetch(job.id, connection=conn).delete()
+                queue.drop_entry(conn, job.id)
             ledger_jobs.put_back(s, job, "re-enqueued from the ledger")
             name = state.settings.eval_queue(state.name) if job.kind is JobKind.evaluation else None
             queue.enqueue_job(conn, state.settings, state.name, job.id, queue_name=name)
@@ -148,7 +142,7 @@ def stats_provider_for(
     """
     rt = state.runtime
     profile = profile_for(rt.model)
-    return stats_provider(
+    inner = stats_provider(
         state.stats,
         rt.model,
         rt.tokenizer,
@@ -158,6 +152,27 @@ def stats_provider_for(
         hparams.mom2_sample_tokens,
         progress=progress,
     )
+
+    def provide(param: str) -> Any:
+        with rt.at_base():  # statistics are the base model's, whatever the version
+            return inner(param)
+
+    return provide
+
+
+def templates_provider_for(state: WorkerState) -> Callable[[Any, int], list[str]]:
+    """The context templates of the base weights (sampled once, kept on disk), so
+    that an edit depends only on the base and the requests before it."""
+    rt = state.runtime
+
+    def provide(spec: Any, seed: int) -> list[str]:
+        found = state.templates.get(spec, seed)
+        if found is not None:
+            return found
+        with rt.at_base():
+            return state.templates.get_or_generate(rt.model, rt.tokenizer, spec, seed)
+
+    return provide
 
 
 # the share of start-up progress given to the statistics; the editors' caches take the rest
@@ -220,6 +235,7 @@ def _prepare_editor(state: WorkerState, method: str) -> float | None:
         cache=state.editor_cache,
         stats_provider=stats_provider_for(state, hp),
         state=rt.method_state(),
+        templates_provider=templates_provider_for(state),
     )
     try:
         get_editor(method).prepare(rt.model, hp, ctx)

@@ -16,6 +16,7 @@ from service.ledger.sessions import get_engine, session_scope
 from service.settings import ModelSpec, Settings
 from workers.artifacts import ArtifactStore
 from workers.editing.common.stats import StatsCache
+from workers.editing.common.templates import TemplateCache
 from workers.evaluation.canary import CanaryCache
 from workers.runtime import ModelRuntime
 
@@ -32,6 +33,8 @@ class WorkerState:
     - ``model_id``: the model's ledger row;
     - ``stats``: the layer statistics, cached per base fingerprint (computed on the
       base weights: ``base_fingerprint`` is taken before any edit is replayed);
+    - ``templates``: the context templates, sampled from the base weights once
+      (kept on disk beside the statistics);
     - ``editor_cache``: the editing library's own caches (``EditContext.cache``:
       context templates, factorisations of the statistics), alive as long as the model;
     - ``canary``: the guard's canary of the current version (None with the guard off).
@@ -45,6 +48,7 @@ class WorkerState:
     model_id: int
     stats: StatsCache
     base_fingerprint: str
+    templates: TemplateCache
     editor_cache: dict[str, Any] = field(default_factory=dict)
     canary: CanaryCache | None = None
 

@@ -36,8 +36,10 @@ from service.redis_clients import WORKER_TTL_S, command_client, worker_client
 from service.settings import Settings, get_settings
 from workers.artifacts import ArtifactStore
 from workers.editing.common.stats import StatsCache, Steps, run_steps
+from workers.editing.common.templates import TemplateCache
 from workers.evaluation.canary import CanaryCache
 from workers.models.loading import load_model, weights_fingerprint
+from workers.reconciler import Reconciler
 from workers.runtime import ModelRuntime
 from workers.state import WorkerState
 
@@ -75,6 +77,7 @@ def load_state(name: str, settings: Settings | None = None) -> WorkerState:
         model_id=model_id,
         stats=StatsCache(settings.effective_cache_dir / "stats", fingerprint),
         base_fingerprint=fingerprint,
+        templates=TemplateCache(settings.effective_cache_dir / "templates", fingerprint),
         canary=CanaryCache(spec.guard.canary_texts) if spec.guard.enabled else None,
     )
 
@@ -224,6 +227,10 @@ def main(name: str, *, burst: bool = False, presence: Presence | None = None) ->
         # reads between start-up steps see the head only if the weights are it already
         reads_ok = state.runtime.current_version == startup.ledger_head(state)
         conn: Redis = worker_client(settings.redis_url)
+        # puts back what Redis loses while this worker runs (workers/reconciler.py)
+        reconciler = Reconciler(
+            settings, name, state.model_id, state.engine, command_client(settings.redis_url)
+        )
         queues = [
             Queue(settings.read_queue(name), connection=conn),
             Queue(settings.edit_queue(name), connection=conn),
@@ -233,6 +240,7 @@ def main(name: str, *, burst: bool = False, presence: Presence | None = None) ->
         def steps() -> Steps[None]:
             head = yield from startup_steps(state)
             startup.requeue_unfinished(state, queues[1])
+            reconciler.start()
             log.info("worker for %s ready at version %s", name, head)
 
         worker = StartingWorker(
@@ -246,7 +254,10 @@ def main(name: str, *, burst: bool = False, presence: Presence | None = None) ->
             name=presence.name,
             worker_ttl=WORKER_TTL_S,
         )
-        worker.work(burst=burst, logging_level=logging.getLevelName(log.getEffectiveLevel()))
+        try:
+            worker.work(burst=burst, logging_level=logging.getLevelName(log.getEffectiveLevel()))
+        finally:
+            reconciler.stop()
         if worker.startup_error is not None:
             raise RuntimeError(f"the worker for {name} could not start") from worker.startup_error
     finally:

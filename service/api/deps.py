@@ -4,17 +4,25 @@ the model's worker state."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, Query, Request, Response
+from fastapi import Depends, Header, Query, Request, Response
+from pydantic import BaseModel
 from redis import Redis
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import ledger, presence, queue
+from service.errors import Unavailable
+from service.ledger import idempotency
+from service.ledger.tables import Job, JobStatus
 from service.schemas import ErrorPublic, WorkerPublic
 from service.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def _settings(request: Request) -> Settings:
@@ -45,7 +53,9 @@ Cursor = Annotated[str | None, Query(description="next_cursor of the previous pa
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorPublic, "description": "unknown model or job"},
+    413: {"model": ErrorPublic, "description": "the request body is over max_body_bytes"},
     422: {"model": ErrorPublic, "description": "invalid input; names the field"},
+    503: {"model": ErrorPublic, "description": "the ledger database (or Redis) did not answer"},
 }
 SYNC_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
@@ -67,31 +77,88 @@ def worker_of(redis: Redis, settings: Settings, model: str) -> WorkerPublic:
     return WorkerPublic.model_validate(state.public())
 
 
+IDEMPOTENCY_KEY = Annotated[
+    str | None,
+    Header(
+        alias=idempotency.HEADER,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description=(
+            "any string (visible ASCII, at most 255): the same key with the same request "
+            "returns the same job; with another request, 422"
+        ),
+    ),
+]
+
+
 @dataclass
 class Backends:
     """What a route that writes the ledger and queues work needs: the request's ledger
-    session, the Redis client for commands and the settings."""
+    session, the Redis client for commands, the settings, and the request's
+    ``Idempotency-Key`` (None without one)."""
 
     session: Session
     redis: Redis
     settings: Settings
+    key: str | None = None
+    _sha256: str | None = None
 
     def worker(self, model: str) -> WorkerPublic:
         return worker_of(self.redis, self.settings, model)
 
+    def replayed(self, model: str, kind: str, body: BaseModel) -> Job | None:
+        """With an ``Idempotency-Key``: the job an earlier request with this key and
+        this body created (None if there is none; 422 for another body)."""
+        if self.key is None:
+            return None
+        self._sha256 = idempotency.fingerprint(kind, body.model_dump(mode="json"))
+        return idempotency.job_for_key(self.session, model, self.key, self._sha256)
+
     def commit_and_queue(
-        self, model: str, job_id: str, response: Response, *, evaluation: bool = False
-    ) -> None:
-        """Commit the ledger first (the job exists before the queue hears of it), then
-        queue the job on the model's edit (or evaluation) queue; ``Location`` names it."""
-        self.session.commit()
+        self, model: str, job: Job, response: Response, *, evaluation: bool = False
+    ) -> Job:
+        """Commit the new ``job`` (with the request's key), then queue it on the
+        model's edit (or evaluation) queue; ``Location`` names it. Returns the job,
+        or the one a concurrent request with the same key committed first.
+
+        The ledger comes first: once the row is committed the answer is 202 even if
+        Redis does not answer, since the writer's reconciler (workers/reconciler.py)
+        enqueues ledger jobs that are missing from Redis."""
+        if self.key is not None and self._sha256 is not None:
+            idempotency.remember(job, self.key, self._sha256)
+        try:
+            self.session.commit()
+        except IntegrityError:
+            if self.key is None or self._sha256 is None:
+                raise
+            self.session.rollback()  # the same key won a race: answer with its job
+            log.info("job for key %r: another request committed it first", self.key)
+            winner = idempotency.job_for_key(self.session, model, self.key, self._sha256)
+            if winner is None:
+                raise
+            job = winner
+        self.queue(model, job, response, evaluation=evaluation)
+        return job
+
+    def queue(self, model: str, job: Job, response: Response, *, evaluation: bool = False) -> None:
+        """Queue a committed ``job`` (a no-op if Redis has it already, or if it is not
+        queued any more); ``Location`` names it. A Redis that does not answer is
+        logged, not raised: the job is in the ledger, the reconciler queues it."""
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        if job.status is not JobStatus.queued:
+            return
         put = queue.enqueue_evaluation if evaluation else queue.enqueue_job
-        put(self.redis, self.settings, model, job_id)
-        response.headers["Location"] = f"/v1/jobs/{job_id}"
+        try:
+            put(self.redis, self.settings, model, job.id)
+        except Unavailable as exc:
+            log.warning("job %s is in the ledger; Redis did not take it: %s", job.id, exc)
 
 
-def _backends(session: SessionDep, redis: RedisDep, settings: SettingsDep) -> Backends:
-    return Backends(session, redis, settings)
+def _backends(
+    session: SessionDep, redis: RedisDep, settings: SettingsDep, key: IDEMPOTENCY_KEY = None
+) -> Backends:
+    return Backends(session, redis, settings, key)
 
 
 BackendsDep = Annotated[Backends, Depends(_backends)]

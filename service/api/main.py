@@ -21,10 +21,11 @@ from fastapi import status as http
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import VERSION, ledger, queue
+from service.api.limits import BodyLimit
 from service.api.routes import ROUTERS
 from service.errors import ServiceError, WorkerUnavailable
 from service.ledger.sessions import create_ledger_engine, session_factory
@@ -77,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(RedisError, _redis_error)
     for router in ROUTERS:
         app.include_router(router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 
 
@@ -130,6 +132,15 @@ def _validation_item(err: dict[str, Any]) -> ErrorItem:
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, StarletteHTTPException):  # pragma: no cover
         raise exc
+    if exc.status_code == http.HTTP_400_BAD_REQUEST and exc.__cause__ is not None:
+        # FastAPI could not read the body (not UTF-8, NUL bytes): invalid input like
+        # any malformed JSON, so 422 naming the body, as documented
+        cause = exc.__cause__
+        message = f"is not valid JSON ({type(cause).__name__}: {cause})"[:300]
+        return _error_response(
+            http.HTTP_422_UNPROCESSABLE_CONTENT,
+            [ErrorItem(field="body", message=message, type="json_invalid")],
+        )
     item = ErrorItem(field=None, message=str(exc.detail), type="http_error")
     response = _error_response(exc.status_code, [item])
     if exc.headers:
@@ -138,6 +149,15 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_error(request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, DataError):
+        # a value the schemas let through but a column cannot hold: the input's fault
+        log.warning("%s %s: value refused by the ledger: %s", request.method,
+                    request.url.path, exc.orig)  # fmt: skip
+        message = "a value is out of the range the ledger stores"
+        return _error_response(
+            http.HTTP_422_UNPROCESSABLE_CONTENT,
+            [ErrorItem(field=None, message=message, type="out_of_range")],
+        )
     log.error("%s %s: database error", request.method, request.url.path, exc_info=exc)
     item = ErrorItem(field=None, message="the ledger database did not answer", type="unavailable")
     return _error_response(http.HTTP_503_SERVICE_UNAVAILABLE, [item])

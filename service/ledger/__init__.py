@@ -18,6 +18,7 @@ below are the ones the API uses.
 from service.ledger.edits import list_edits
 from service.ledger.evaluations import (
     create_evaluation_job,
+    evaluation_of_job,
     get_evaluation,
     list_evaluations,
     schedule_policy_evaluations,
@@ -42,6 +43,7 @@ __all__ = [
     "create_edit_job",
     "create_evaluation_job",
     "create_rollback_job",
+    "evaluation_of_job",
     "get_evaluation",
     "get_job",
     "get_model",

@@ -165,6 +165,14 @@ def get_evaluation(session: Session, model_name: str, evaluation_id: int) -> Eva
     return row
 
 
+def evaluation_of_job(session: Session, job_id: str) -> Evaluation:
+    """The evaluation row of evaluation job ``job_id``."""
+    row = session.scalar(select(Evaluation).where(Evaluation.job_id == job_id))
+    if row is None:
+        raise LookupError(f"job {job_id} has no evaluation row")
+    return row
+
+
 def list_evaluations(
     session: Session,
     model_name: str,

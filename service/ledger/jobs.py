@@ -9,6 +9,7 @@ import logging
 import typing
 import uuid
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -157,17 +158,42 @@ def get_job(session: Session, job_id: str) -> Job:
 
 
 def start_job(session: Session, job_id: str, model_id: int) -> Job | None:
-    """Mark a queued job of the model ``running`` (row-locked) and return it; None when
-    it is not queued (finished, or taken into another job's batches): its queue entry
-    is then a no-op. ``LookupError`` for an unknown job, ``ValueError`` for another
-    model's."""
-    job = session.get(Job, job_id, with_for_update=True)
-    if job is None:
+    """The job that the queue entry of ``job_id`` runs, marked ``running`` (row-locked);
+    None when there is nothing to run (the entry is then a no-op).
+
+    An evaluation entry runs its own job if it is still queued. An edit or rollback
+    entry runs the model's *oldest* queued edit or rollback job, usually ``job_id``
+    itself: the ledger's order holds whatever order Redis delivers the entries in
+    (after a flush the reconciler re-enqueues lost jobs behind newer ones), and every
+    queued job has an entry, so each job runs once, and a later entry finds nothing.
+    Jobs locked by another transaction are skipped. ``LookupError`` for an unknown
+    job, ``ValueError`` for another model's."""
+    named = session.get(Job, job_id)
+    if named is None:
         raise LookupError(f"job {job_id} is not in the ledger")
-    if job.status is not JobStatus.queued:
-        return None
-    if job.model_id != model_id:
+    if named.model_id != model_id:
         raise ValueError(f"job {job_id} belongs to another model")
+    if named.kind is JobKind.evaluation:
+        job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+        if job is None or job.status is not JobStatus.queued:
+            return None
+    else:
+        job = session.scalar(
+            select(Job)
+            .where(
+                Job.model_id == model_id,
+                Job.status == JobStatus.queued,
+                Job.kind.in_([JobKind.edit, JobKind.rollback]),
+            )
+            .order_by(Job.created_at, Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+            .execution_options(populate_existing=True)
+        )
+        if job is None:
+            return None
+        if job.id != job_id:
+            log.info("entry of job %s runs the older queued job %s first", job_id, job.id)
     job.status = JobStatus.running
     job.started_at = job.started_at or utcnow()
     return job
@@ -198,18 +224,29 @@ def finish(session: Session, job_ids: Sequence[str], result: dict[str, Any] | No
     )
 
 
-def fail(session: Session, job_id: str, reason: str) -> None:
-    """The job failed with ``reason``; its edits that were still queued fail with it."""
-    session.execute(
+UNFINISHED = (JobStatus.queued, JobStatus.running)
+
+
+def fail(session: Session, job_id: str, reason: str) -> bool:
+    """The job failed with ``reason``; its edits that were still queued fail with it.
+
+    Only an unfinished job fails: a job that another worker finished (succeeded, or
+    failed for its own reason) keeps its status. Returns whether this call failed it.
+    """
+    failed = session.execute(
         update(Job)
-        .where(Job.id == job_id)
+        .where(Job.id == job_id, Job.status.in_(UNFINISHED))
         .values(status=JobStatus.failed, error=reason, finished_at=utcnow())
-    )
+    ).rowcount
+    if not failed:
+        log.warning("job %s is finished already; not failing it (%s)", job_id, reason)
+        return False
     session.execute(
         update(Edit)
         .where(Edit.job_id == job_id, Edit.status == EditStatus.queued)
         .values(status=EditStatus.failed, reason=reason)
     )
+    return True
 
 
 def add_version_results(
@@ -271,12 +308,30 @@ def unfinished_jobs(session: Session, model_id: int) -> list[Job]:
             select(Job)
             .where(
                 Job.model_id == model_id,
-                Job.status.in_([JobStatus.queued, JobStatus.running]),
+                Job.status.in_(UNFINISHED),
             )
             .order_by(Job.created_at)
             .with_for_update()
         )
     )
+
+
+def queued_jobs(
+    session: Session, model_id: int, created_before: datetime
+) -> list[tuple[str, JobKind]]:
+    """The ids and kinds of the model's ``queued`` jobs created before
+    ``created_before``, oldest first (the reconciler's view of what should wait in
+    the queues)."""
+    rows = session.execute(
+        select(Job.id, Job.kind)
+        .where(
+            Job.model_id == model_id,
+            Job.status == JobStatus.queued,
+            Job.created_at < created_before,
+        )
+        .order_by(Job.created_at, Job.id)
+    )
+    return [(str(job_id), kind) for job_id, kind in rows]
 
 
 def put_back(session: Session, job: Job, message: str) -> None:

@@ -41,6 +41,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -129,6 +130,20 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # the client's Idempotency-Key (unique per model) and the sha256 of what it asked
+    # for: the same key again returns this job, with another request it is refused
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_sha256: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index(
+            "uq_jobs_model_idempotency_key",
+            "model_id",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=sql_text("idempotency_key IS NOT NULL"),
+        ),
+    )
 
     edits: Mapped[list[Edit]] = relationship(back_populates="job", order_by="Edit.position")
     model: Mapped[Model] = relationship(viewonly=True)

@@ -8,6 +8,7 @@ as its number, null JSON as empty, non-finite numbers as null) are declared on t
 field types in :mod:`service.schemas.common`, once.
 """
 
+from service.schemas.common import MAX_INT
 from service.schemas.edits import (
     MAX_PROMPT_LIST,
     Batching,
@@ -44,6 +45,7 @@ from service.schemas.workers import WorkerPublic
 
 __all__ = [
     "DEFAULT_NEW_TOKENS",
+    "MAX_INT",
     "MAX_PROMPT_LIST",
     "Batching",
     "EditCreate",

@@ -6,9 +6,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from service.jsonsafe import json_safe
+
+# the ledger's integer columns (versions, ids) are PostgreSQL ``integer``
+MAX_INT = 2**31 - 1
+# a version number or id in a request body: a JSON integer in the column's range
+# (``false`` is not 0, ``"3"`` is not 3: strict)
+BodyInt = Annotated[int, Field(strict=True, ge=0, le=MAX_INT)]
 
 
 class Input(BaseModel):

@@ -8,15 +8,15 @@ from typing import Any
 from pydantic import Field
 
 from service.ledger.tables import JobStatus
-from service.schemas.common import FloatDict, Input, JsonDict, Public
+from service.schemas.common import BodyInt, FloatDict, Input, JsonDict, Public
 from service.schemas.workers import WorkerPublic
 from service.suites import SuiteName
 
 
 class EvaluationCreate(Input):
     suite: SuiteName = Field(examples=["counterfact"])
-    version: int | None = Field(
-        None, ge=0, description="the version to evaluate (default: the head now)"
+    version: BodyInt | None = Field(
+        None, description="the version to evaluate (default: the head now)"
     )
     params: dict[str, Any] = Field(
         default_factory=dict,

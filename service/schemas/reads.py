@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from service.schemas.common import Input
+from service.schemas.common import BodyInt, Input
 from service.validation import Text
 
 DEFAULT_NEW_TOKENS = 20  # generate's max_new_tokens when the client gives none
@@ -24,7 +24,7 @@ class ScoreResponse(BaseModel):
 
 class GenerateRequest(Input):
     prompt: Text = Field(examples=["The Eiffel Tower is located in"])
-    max_new_tokens: int | None = Field(
+    max_new_tokens: BodyInt | None = Field(
         None, ge=1, description=f"default {DEFAULT_NEW_TOKENS} (or the server's maximum, if lower)"
     )
 

@@ -9,6 +9,7 @@ from pydantic import AliasChoices, Field
 
 from service.ledger.tables import VersionKind
 from service.schemas.common import (
+    BodyInt,
     FiniteOrNone,
     FloatDict,
     Input,
@@ -41,7 +42,7 @@ class VersionsPublic(Public):
 
 
 class RollbackCreate(Input):
-    to_version: int = Field(ge=0, description="an existing version number of this model")
+    to_version: BodyInt = Field(description="an existing version number of this model")
 
 
 class GuardDecisionPublic(Public):

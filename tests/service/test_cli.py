@@ -59,6 +59,10 @@ def test_up_serves_edits_and_stops_cleanly(tmp_path: Path) -> None:
                 k: base["tensor_sha256"][k] for k in touched
             }
             assert c.get("/v1/models").json()[0]["head_version"] == 2
+        # the access log shows the user's requests, not up's own polls of /v1/models
+        log = up.text()
+        assert '"GET /v1/models/tiny/versions HTTP/1.1" 200' in log
+        assert "poll=memedit-up" not in log
     # stopped (memedit_up asserted the clean exit and that nothing serves `data`)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{up.url}/healthz", timeout=2)

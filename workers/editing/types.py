@@ -259,6 +259,7 @@ class EditContext:
     lives as long as the worker's model does. ``stats_provider(layer_param) -> C``
     returns the uncentred second moment E[k kᵀ] of that layer's input keys, computing
     and caching it on first use. ``progress(fraction, message)`` reports progress.
+    ``templates_provider`` gives the context templates (a worker's: the base model's).
     ``state`` is the method state of the model's current version: the chain's summed
     ``WeightDelta.aux`` tensors by name (e.g. AlphaEdit's accumulated K Kᵀ; an editor
     returns only its own increment in ``aux``) and the current :class:`ModuleState`
@@ -272,6 +273,9 @@ class EditContext:
     state: Mapping[str, torch.Tensor | ModuleState] = field(default_factory=dict)
     progress: Callable[[float, str], None] = lambda fraction, message: None
     seed: int = 0
+    # (context_template_length_params as ((length, count), ...), seed) -> templates;
+    # None: sampled from the model as it is (workers/editing/common/templates.py)
+    templates_provider: Callable[[tuple[tuple[int, int], ...], int], list[str]] | None = None
 
     def second_moment(self, param: str) -> torch.Tensor:
         if self.stats_provider is None:

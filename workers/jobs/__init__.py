@@ -33,8 +33,10 @@ log = logging.getLogger(__name__)
 def run_job(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     """Run an edit, rollback or evaluation job from the ledger.
 
-    Only a ``queued`` job runs: a finished one, or one that a batch run of another
-    job took along (``running``), makes its rq entry a no-op. An edit job may take
+    The entry of an edit or rollback job runs the model's oldest queued edit or
+    rollback job (:func:`service.ledger.jobs.start_job`: the ledger's order, not
+    Redis's); an entry that finds nothing queued (its job finished, or taken along
+    into another job's batches) is a no-op. An edit job may take
     other queued edit jobs along (:mod:`workers.batching`).
     """
     with state.ledger() as s:
@@ -44,6 +46,7 @@ def run_job(state: WorkerState, job_id: str) -> dict[str, Any] | None:
             log.info("job %s is %s; nothing to do", job_id, current.status.value)
             return current.result
         kind = job.kind
+        job_id = job.id  # an older queued job goes first (ledger order)
     log.info("job %s (%s) started", job_id, kind.value)
     if kind is JobKind.edit:
         return edit.run_edits(state, job_id)

@@ -46,7 +46,13 @@ from workers.jobs import evaluation
 from workers.jobs import guard as job_guard
 from workers.jobs.common import fail, finish, progress
 from workers.runtime import Staged
-from workers.startup import CODE_VERSION, resolve_hparams, stats_provider_for, sync_to_head
+from workers.startup import (
+    CODE_VERSION,
+    resolve_hparams,
+    stats_provider_for,
+    sync_to_head,
+    templates_provider_for,
+)
 from workers.state import WorkerState
 
 log = logging.getLogger(__name__)
@@ -317,6 +323,7 @@ def _apply_batch(
         ),
         progress=lambda f, m: report(0.1 + 0.7 * f, m),
         state=rt.method_state(),
+        templates_provider=templates_provider_for(state),
     )
     messages = {
         "measuring before": (0.0, f"measuring {len(group)} facts before the edit"),

@@ -31,7 +31,8 @@ The ledger is read by the caller; this module sees versions as plain
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -434,6 +435,28 @@ class ModelRuntime:
                     f"the ledger records {want}"
                 )
         return len(expected)
+
+    @contextmanager
+    def at_base(self) -> Iterator[None]:
+        """Inside the block the model is its base (version 0: pristine weights, no
+        method state); afterwards it is exactly the current version again (the same
+        bits). For what must not depend on the edits so far: context templates and
+        statistics computed on first use."""
+        if self._staged is not None:
+            raise RuntimeError("a staged delta is pending: commit or discard it first")
+        saved = {name: self._params[name].detach().clone() for name in self._acc}
+        tokens = [s.checkpoint() for s in self.states]
+        try:
+            for name in saved:
+                self._restore_pristine(name)
+            for s in self.states:
+                s.reset()
+            yield
+        finally:
+            for name, value in saved.items():
+                self._write(name, value)
+            for s, token in zip(self.states, tokens, strict=True):
+                s.restore(token)
 
     # -- snapshots ------------------------------------------------------------------
     def snapshot_bytes(self) -> bytes:

@@ -22,21 +22,25 @@ def create_edits(
     """Queue one job applying ``requests`` with ``method`` (ROME: one version per
     request, in order; MEMIT: batches of at most the model's ``max_batch`` requests,
     one version each, possibly shared with other jobs' requests unless ``batching``
-    is ``alone``). Poll ``/v1/jobs/{job_id}``."""
-    job = ledger.create_edit_job(
-        backends.session,
-        model,
-        body.method,
-        body.hparams,
-        body.requests,
-        max_requests=backends.settings.max_requests_per_edit,
-        batching=body.batching,
-    )
-    created = EditJobCreated(
+    is ``alone``). Poll ``/v1/jobs/{job_id}``. With an ``Idempotency-Key``, the same
+    request again returns the same job."""
+    job = backends.replayed(model, "edits", body)
+    if job is None:
+        job = ledger.create_edit_job(
+            backends.session,
+            model,
+            body.method,
+            body.hparams,
+            body.requests,
+            max_requests=backends.settings.max_requests_per_edit,
+            batching=body.batching,
+        )
+        job = backends.commit_and_queue(model, job, response)
+    else:
+        backends.queue(model, job, response)
+    return EditJobCreated(
         job_id=job.id, edit_ids=[e.id for e in job.edits], worker=backends.worker(model)
     )
-    backends.commit_and_queue(model, job.id, response)
-    return created
 
 
 @router.get("/v1/models/{model}/edits", responses=ERRORS)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 from fastapi import status as http
 
 from service import ledger
 from service.api.deps import ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.ledger.tables import Evaluation
 from service.schemas import (
+    MAX_INT,
     EvaluationCreate,
     EvaluationJobCreated,
     EvaluationPublic,
@@ -28,17 +29,21 @@ def create_evaluation(
     """Queue a job running ``suite`` on ``version`` (default: the head now). The
     result is stored against that version; poll ``/v1/jobs/{job_id}`` or list the
     model's evaluations."""
-    job, evaluation = ledger.create_evaluation_job(
-        backends.session, model, body.suite, body.version, body.params
-    )
-    created = EvaluationJobCreated(
+    job = backends.replayed(model, "evaluations", body)
+    if job is None:
+        job, _ = ledger.create_evaluation_job(
+            backends.session, model, body.suite, body.version, body.params
+        )
+        job = backends.commit_and_queue(model, job, response, evaluation=True)
+    else:
+        backends.queue(model, job, response, evaluation=True)
+    evaluation = ledger.evaluation_of_job(backends.session, job.id)
+    return EvaluationJobCreated(
         job_id=job.id,
         evaluation_id=evaluation.id,
         version=evaluation.version,
         worker=backends.worker(model),
     )
-    backends.commit_and_queue(model, job.id, response, evaluation=True)
-    return created
 
 
 @router.get("/v1/models/{model}/evaluations", responses=ERRORS)
@@ -46,7 +51,7 @@ def list_evaluations(
     model: str,
     session: SessionDep,
     suite: Annotated[SuiteName | None, Query(description="only this suite")] = None,
-    version: Annotated[int | None, Query(ge=0, description="only this version")] = None,
+    version: Annotated[int | None, Query(ge=0, le=MAX_INT, description="only this version")] = None,
     details: Annotated[bool, Query(description="include each run's details")] = False,
     limit: Limit = 50,
     cursor: Cursor = None,
@@ -61,7 +66,9 @@ def list_evaluations(
 
 
 @router.get("/v1/models/{model}/evaluations/{evaluation_id}", responses=ERRORS)
-def get_evaluation(model: str, evaluation_id: int, session: SessionDep) -> EvaluationPublic:
+def get_evaluation(
+    model: str, evaluation_id: Annotated[int, Path(ge=1, le=MAX_INT)], session: SessionDep
+) -> EvaluationPublic:
     """One evaluation with its details."""
     return _public(ledger.get_evaluation(session, model, evaluation_id), True)
 

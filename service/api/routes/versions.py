@@ -38,9 +38,13 @@ def create_rollback(
     model: str, body: RollbackCreate, backends: BackendsDep, response: Response
 ) -> JobCreated:
     """Queue a job appending a version whose weights equal ``to_version``'s."""
-    job_id = ledger.create_rollback_job(backends.session, model, body.to_version).id
-    backends.commit_and_queue(model, job_id, response)
-    return JobCreated(job_id=job_id, worker=backends.worker(model))
+    job = backends.replayed(model, "rollback", body)
+    if job is None:
+        job = ledger.create_rollback_job(backends.session, model, body.to_version)
+        job = backends.commit_and_queue(model, job, response)
+    else:
+        backends.queue(model, job, response)
+    return JobCreated(job_id=job.id, worker=backends.worker(model))
 
 
 @router.get("/v1/models/{model}/guard-decisions", responses=ERRORS)

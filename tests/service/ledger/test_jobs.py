@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from service import ledger
 from service.errors import InvalidInput, NotFound
+from service.ledger import jobs as ledger_jobs
 from service.ledger.tables import (
     Edit,
     EditStatus,
@@ -111,3 +112,65 @@ def test_get_job(synced: Session) -> None:
         with pytest.raises(NotFound) as err:
             ledger.get_job(synced, bad)
         assert err.value.field == "job_id"
+
+
+# -- the worker's side ------------------------------------------------------------------
+
+
+def _model_id(s: Session) -> int:
+    return ledger.get_model(s, MODEL).id
+
+
+def test_an_edit_entry_runs_the_oldest_queued_edit_or_rollback(synced: Session) -> None:
+    """Whatever order Redis delivers entries in, jobs start in ledger order."""
+    add_versions(synced, MODEL, 2)
+    first = ledger.create_edit_job(synced, MODEL, "rome", None, [edit_request()])
+    second = ledger.create_rollback_job(synced, MODEL, 0)
+    third = ledger.create_edit_job(synced, MODEL, "rome", None, [edit_request()])
+    synced.commit()
+    mid = _model_id(synced)
+    started = [ledger_jobs.start_job(synced, third.id, mid) for _ in range(3)]
+    assert [j.id for j in started if j is not None] == [first.id, second.id, third.id]
+    assert all(j.status is JobStatus.running for j in started if j is not None)
+    # the entries that come later find nothing queued: no-ops
+    assert ledger_jobs.start_job(synced, first.id, mid) is None
+
+
+def test_an_evaluation_entry_runs_its_own_job_only(synced: Session) -> None:
+    add_versions(synced, MODEL, 1)
+    edit = ledger.create_edit_job(synced, MODEL, "rome", None, [edit_request()])
+    evaluation, _ = ledger.create_evaluation_job(synced, MODEL, "retention", None, {})
+    synced.commit()
+    mid = _model_id(synced)
+    assert ledger_jobs.start_job(synced, evaluation.id, mid).id == evaluation.id  # type: ignore[union-attr]
+    assert ledger_jobs.start_job(synced, evaluation.id, mid) is None
+    assert synced.get(Job, edit.id).status is JobStatus.queued  # type: ignore[union-attr]
+
+
+def test_start_job_refuses_unknown_and_foreign_jobs(synced: Session) -> None:
+    job = ledger.create_edit_job(synced, OTHER, "rome", None, [edit_request()])
+    with pytest.raises(LookupError):
+        ledger_jobs.start_job(synced, str(uuid.uuid4()), _model_id(synced))
+    with pytest.raises(ValueError, match="another model"):
+        ledger_jobs.start_job(synced, job.id, _model_id(synced))
+
+
+@pytest.mark.parametrize("done", [JobStatus.succeeded, JobStatus.failed])
+def test_fail_leaves_a_finished_job_as_it_is(synced: Session, done: JobStatus) -> None:
+    """A worker that lost a race must not turn another's success into a failure."""
+    job = ledger.create_edit_job(synced, MODEL, "rome", None, [edit_request()])
+    job.status, job.error = done, None
+    synced.commit()
+    assert ledger_jobs.fail(synced, job.id, "RuntimeError: too late") is False
+    synced.refresh(job)
+    assert (job.status, job.error) == (done, None)
+    assert [e.status for e in job.edits] == [EditStatus.queued]
+
+
+def test_fail_fails_an_unfinished_job_and_its_queued_edits(synced: Session) -> None:
+    job = ledger.create_edit_job(synced, MODEL, "rome", None, [edit_request()])
+    synced.commit()
+    assert ledger_jobs.fail(synced, job.id, "RuntimeError: boom") is True
+    synced.refresh(job)
+    assert (job.status, job.error) == (JobStatus.failed, "RuntimeError: boom")
+    assert [(e.status, e.reason) for e in job.edits] == [(EditStatus.failed, "RuntimeError: boom")]

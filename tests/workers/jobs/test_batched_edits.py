@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,17 +22,16 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
 from sqlalchemy import Engine, select
 
-from service.api import create_app
 from service.ledger.sessions import session_scope
 from service.ledger.tables import Edit, Job, JobStatus, Version
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
+from tests.served import serve
 from tests.tiny_models import TINY_OVERRIDES, save_tiny
 from workers.batching import subject_key
 from workers.startup import requeue_unfinished
@@ -442,36 +440,14 @@ def test_requeue_resets_a_claimed_job_whose_queue_entry_survived(
 # -- the stream: 200 single edits from 20 concurrent HTTP clients ---------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def served(
     configure: Callable[..., Settings], clean_db: Engine, redis_conn: Redis
 ) -> Iterator[tuple[str, Settings]]:
-    """The API under a real uvicorn server (one process, real sockets, its own thread
-    pool), as clients reach it in production."""
+    """The API under a real uvicorn server (tests/served.py)."""
     settings = configure(max_batch=16, max_wait_ms=100)
-    port = _free_port()
-    config = uvicorn.Config(
-        create_app(settings), host="127.0.0.1", port=port, log_level="warning", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", settings
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve(settings) as url:
+        yield url, settings
 
 
 def stream_requests(n: int, clients: int) -> list[dict[str, Any]]:

@@ -300,6 +300,44 @@ def test_lost_queue_message_is_recovered_from_the_ledger(
     assert job(client, r.json()["job_id"])["status"] == "succeeded"
 
 
+def test_the_weights_do_not_depend_on_a_restart(
+    e2e_settings: Settings,
+    app_client: Callable[[Settings], TestClient],
+    redis_conn: Redis,
+    tmp_path: Path,
+) -> None:
+    """The same requests in the same order give bit-identical weights whether the
+    worker ran through or restarted in between, with a cache of its own (so that it
+    samples the context templates and computes the statistics again): both come from
+    the base weights, not from the version the worker restarted at."""
+    spec = e2e_settings.models[MODEL]
+    settings = e2e_settings.model_copy(update={"models": {MODEL: spec, "twin": spec}})
+    client = app_client(settings)
+
+    def worker(name: str, cache: str) -> None:
+        harness.start_worker(name, settings.model_copy(update={"cache_dir": tmp_path / cache}))
+
+    def edit(name: str, body: dict[str, Any]) -> None:
+        r = client.post(f"/v1/models/{name}/edits", json=body)
+        assert r.status_code == 202, r.text
+        harness.drain(name, settings, redis_conn)
+        assert job(client, r.json()["job_id"])["status"] == "succeeded"
+
+    first, rest = edit_body(1), edit_body(3)
+    rest["requests"] = rest["requests"][1:]
+    worker(MODEL, "through")  # runs through
+    edit(MODEL, first)
+    edit(MODEL, rest)
+    worker("twin", "before")  # restarts after the first edit, on a new cache
+    edit("twin", first)
+    worker("twin", "after")
+    edit("twin", rest)
+    through, restarted = (harness.all_versions(client, name) for name in (MODEL, "twin"))
+    assert [v["number"] for v in through] == [v["number"] for v in restarted] == [0, 1, 2, 3]
+    assert through[-1]["tensor_sha256"] == restarted[-1]["tensor_sha256"]
+    assert through[1]["tensor_sha256"] == restarted[1]["tensor_sha256"]
+
+
 GRACE_FACTS = [("The native language of {}", "Picasso", "Russian", "Spanish"),
                ("The capital city of {}", "Toyota", "Athens", "Tokyo"),
                ("The famous writer {}", "Tolstoy", "Einstein", "Homer")]  # fmt: skip

@@ -290,3 +290,27 @@ def test_pending_stage_blocks_sync_snapshot_and_another_stage(tmp_path: Path) ->
     h.runtime.commit(staged, 2)
     with pytest.raises(RuntimeError, match="pending stage"):
         h.runtime.discard(staged)
+
+
+@ARCHS
+def test_at_base_shows_the_base_and_restores_every_bit(arch: str, tmp_path: Path) -> None:
+    """Inside ``at_base`` the model is version 0 (weights and method state); after it,
+    the current version again, bit for bit, and it can still stage and commit."""
+    h = build_history(arch, ArtifactStore(tmp_path), n=4)
+    base = all_hashes(tiny_model(arch))
+    current = all_hashes(h.runtime.model)
+    aux = {k: v.clone() for k, v in h.runtime.aux.items()}
+    assert current != base and aux
+    with h.runtime.at_base():
+        assert all_hashes(h.runtime.model) == base
+        assert h.runtime.aux == {}
+    assert all_hashes(h.runtime.model) == current
+    assert h.runtime.tensor_hashes() == h.records[4].tensor_sha256
+    assert all(torch.equal(h.runtime.aux[k], aux[k]) for k in aux)
+    with pytest.raises(RuntimeError, match="boom"), h.runtime.at_base():
+        raise RuntimeError("boom")  # restored on the way out of an error too
+    assert all_hashes(h.runtime.model) == current
+    staged = h.runtime.stage(random_delta(h.runtime.model, torch.Generator().manual_seed(5)))
+    with pytest.raises(RuntimeError, match="staged"), h.runtime.at_base():
+        pass
+    h.runtime.discard(staged)
