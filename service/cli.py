@@ -22,11 +22,13 @@ from typing import Annotated
 import httpx
 import typer
 
+from service import cli_keys
 from service.settings import DEFAULT_MODEL, get_settings
 
 app = typer.Typer(
     help="memedit: correct facts inside language models over HTTP.", no_args_is_help=True
 )
+app.add_typer(cli_keys.app, name="keys")
 log = logging.getLogger("memedit")
 
 
@@ -38,6 +40,41 @@ def _setup_logging(level: str) -> None:
 
 
 LogLevel = Annotated[str, typer.Option(help="Logging level.")]
+InsecureNoAuth = Annotated[
+    bool,
+    typer.Option(
+        "--insecure-no-auth",
+        help="Serve a non-loopback --host although no API key is defined (anyone who "
+        "reaches the port may edit the model).",
+    ),
+]
+
+
+def _check_exposure(host: str, database_url: str, insecure_no_auth: bool) -> None:
+    """Refuse to listen off loopback while no API key exists, unless told to."""
+    from service.api.auth import is_loopback  # noqa: PLC0415
+    from service.ledger import keys as ledger_keys  # noqa: PLC0415
+    from service.ledger.sessions import create_ledger_engine, session_scope  # noqa: PLC0415
+
+    if is_loopback(host):
+        return
+    if insecure_no_auth:
+        log.warning("serving %s with no API key required (--insecure-no-auth)", host)
+        return
+    engine = create_ledger_engine(database_url)
+    try:
+        with session_scope(engine) as s:
+            if ledger_keys.any_active(s):
+                return
+    finally:
+        engine.dispose()
+    raise typer.BadParameter(
+        f"refusing to serve {host!r} with no API key defined: anyone who reaches the port "
+        "could edit the model. Create a key first (memedit keys create --name NAME "
+        "--scope admin), or pass --insecure-no-auth.",
+        param_hint="--host",
+    )
+
 
 # ``memedit up`` polls ``GET /v1/models`` with this query while the worker starts;
 # the API's access log leaves those polls out (a line a second otherwise)
@@ -76,11 +113,16 @@ def api(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     log_level: LogLevel = "info",
+    insecure_no_auth: InsecureNoAuth = False,
 ) -> None:
-    """Run the HTTP API (uvicorn)."""
+    """Run the HTTP API (uvicorn). Off loopback it needs an API key to exist."""
     import uvicorn  # noqa: PLC0415
 
     _setup_logging(log_level)
+    if insecure_no_auth:
+        os.environ["MEMEDIT_INSECURE_NO_AUTH"] = "true"  # read by the app's settings
+        get_settings.cache_clear()
+    _check_exposure(host, get_settings().database_url, insecure_no_auth)
     uvicorn.run(
         "service.api:create_app",
         factory=True,
@@ -168,9 +210,11 @@ def up(
     ] = Path(".memedit"),
     model: Annotated[str, typer.Option(help="Model for the worker.")] = DEFAULT_MODEL,
     log_level: LogLevel = "info",
+    insecure_no_auth: InsecureNoAuth = False,
 ) -> None:
     """Run everything: Postgres and Redis (embedded unless DATABASE_URL/REDIS_URL are
-    set), the migrations, the API and one worker. Ctrl-C stops it all."""
+    set), the migrations, the API and one worker. Ctrl-C stops it all. Off loopback
+    the API needs an API key to exist (memedit keys create)."""
     _setup_logging(log_level)
     from service import embedded  # noqa: PLC0415
     from service.migrate import upgrade_to_head  # noqa: PLC0415
@@ -191,9 +235,9 @@ def up(
         env["MEMEDIT_DATABASE_URL"] = services.database_url
         env["MEMEDIT_REDIS_URL"] = services.redis_url
         env.setdefault("MEMEDIT_ARTIFACT_DIR", str(data_dir / "artifacts"))
-        children.start(
-            "api", ["api", "--host", host, "--port", str(port), "--log-level", log_level], env
-        )
+        _check_exposure(host, services.database_url, insecure_no_auth)
+        api_args = ["api", "--host", host, "--port", str(port), "--log-level", log_level]
+        children.start("api", api_args + ["--insecure-no-auth"] * insecure_no_auth, env)
         children.start("worker", ["worker", "--model", model, "--log-level", log_level], env)
         url = f"http://{host}:{port}"
         _wait_healthy(url, model, children)

@@ -30,6 +30,20 @@ class NotFound(ServiceError):
     error_type = "not_found"
 
 
+class Unauthorized(ServiceError):
+    """No key, or one the ledger does not know (HTTP 401, ``WWW-Authenticate: Bearer``)."""
+
+    status_code = 401
+    error_type = "unauthorized"
+
+
+class Forbidden(ServiceError):
+    """The key lacks the route's scope, or the client may not use the API (HTTP 403)."""
+
+    status_code = 403
+    error_type = "forbidden"
+
+
 class Conflict(ServiceError):
     """The request contradicts the ledger's current state (HTTP 409)."""
 

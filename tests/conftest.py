@@ -48,6 +48,10 @@ DEFAULT_TEST_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/memedi
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 TEST_REDIS_DB = 15
 
+# the address a TestClient's requests come from: with no API key defined, the API
+# serves loopback clients only (service/api/auth.py)
+LOOPBACK = ("127.0.0.1", 50000)
+
 LEDGER_TABLES = (
     "guard_decisions",
     "evaluations",
@@ -56,6 +60,7 @@ LEDGER_TABLES = (
     "jobs",
     "artifacts",
     "models",
+    "api_keys",
 )
 
 log = logging.getLogger(__name__)
@@ -229,7 +234,7 @@ def app_client(clean_db: Engine, redis_conn: Redis) -> Iterator[Callable[[Settin
     clients: list[TestClient] = []
 
     def make(settings: Settings) -> TestClient:
-        client = TestClient(create_app(settings))
+        client = TestClient(create_app(settings), client=LOOPBACK)
         client.__enter__()
         clients.append(client)
         return client

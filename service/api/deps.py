@@ -52,6 +52,16 @@ Limit = Annotated[int, Query(ge=1, le=ledger.MAX_PAGE, description="page size")]
 Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
 
 ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": ErrorPublic,
+        "description": "keys are defined and none, or an unknown one, was sent",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
+    403: {
+        "model": ErrorPublic,
+        "description": "the key lacks the route's scope, or no keys are defined and the "
+        "client is not on loopback",
+    },
     404: {"model": ErrorPublic, "description": "unknown model or job"},
     413: {"model": ErrorPublic, "description": "the request body is over max_body_bytes"},
     422: {"model": ErrorPublic, "description": "invalid input; names the field"},
@@ -116,9 +126,16 @@ class Backends:
         return idempotency.job_for_key(self.session, model, self.key, self._sha256)
 
     def commit_and_queue(
-        self, model: str, job: Job, response: Response, *, evaluation: bool = False
+        self,
+        model: str,
+        job: Job,
+        response: Response,
+        *,
+        evaluation: bool = False,
+        requested_by: str | None = None,
     ) -> Job:
-        """Commit the new ``job`` (with the request's key), then queue it on the
+        """Commit the new ``job`` (with the request's idempotency key, and the name of
+        the API key that asked for it on the job and its edits), then queue it on the
         model's edit (or evaluation) queue; ``Location`` names it. Returns the job,
         or the one a concurrent request with the same key committed first.
 
@@ -127,6 +144,9 @@ class Backends:
         enqueues ledger jobs that are missing from Redis."""
         if self.key is not None and self._sha256 is not None:
             idempotency.remember(job, self.key, self._sha256)
+        job.requested_by = requested_by
+        for edit in job.edits:
+            edit.requested_by = requested_by
         try:
             self.session.commit()
         except IntegrityError:

@@ -18,6 +18,9 @@ derived: base weights (+ the snapshot nearest below N) + the ordered deltas.
   the model policy that queued it (unique per model, version and policy).
 - ``guard_decisions``: one row per staged update the guard judged (accepted or
   rejected), with its measurements (docs/guard.md).
+- ``api_keys``: the API's keys (name, scopes, the sha256 of the secret); jobs,
+  edits and versions record the name of the key that asked for them
+  (``requested_by``).
 """
 
 from __future__ import annotations
@@ -134,6 +137,8 @@ class Job(Base):
     # for: the same key again returns this job, with another request it is refused
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_sha256: Mapped[str | None] = mapped_column(String(64))
+    # the name of the API key that asked for it (None: no keys were defined)
+    requested_by: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (
         Index(
@@ -171,6 +176,7 @@ class Edit(Base):
     # efficacy/paraphrase/neighborhood after, pre_* before, plus per-prompt log-probs
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     reason: Mapped[str | None] = mapped_column(Text)
+    requested_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -217,6 +223,8 @@ class Version(Base):
     timing: Mapped[dict[str, float]] = mapped_column(JSONType, default=dict)
     # code version, model revision, worker host, etc.
     info: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    # the key name of the job that made it (a batch's edits each record their own)
+    requested_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     model: Mapped[Model] = relationship(back_populates="versions")
@@ -304,3 +312,19 @@ class GuardDecision(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     version: Mapped[Version | None] = relationship(viewonly=True)
+
+
+class ApiKey(Base):
+    """An API key: its name, scopes and the sha256 of its secret (the secret itself is
+    shown once, when it is created, and never stored)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    scopes: Mapped[list[str]] = mapped_column(JSONType, default=list)
+    secret_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    # the secret's first characters, to tell keys apart in listings
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

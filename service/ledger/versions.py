@@ -21,7 +21,7 @@ from service.errors import Conflict
 from service.ledger.models import get_model
 from service.ledger.paging import Page, check_limit, decode_cursor, page
 from service.ledger.records import VersionRecord
-from service.ledger.tables import Artifact, ArtifactKind, Version, VersionKind
+from service.ledger.tables import Artifact, ArtifactKind, Job, Version, VersionKind
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,11 @@ def add_version(session: Session, model_id: int, new: NewVersion) -> Version:
         update_norm=new.update_norm,
         timing=dict(new.timing),
         info=dict(new.info),
+        requested_by=(
+            session.scalar(select(Job.requested_by).where(Job.id == new.job_id))
+            if new.job_id is not None
+            else None
+        ),
     )
     session.add(version)
     session.flush()

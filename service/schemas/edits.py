@@ -82,6 +82,7 @@ class EditPublic(Public):
     metrics: JsonDict | None
     reason: str | None
     created_at: datetime
+    requested_by: str | None = Field(None, description="the name of the API key that asked for it")
 
 
 class EditsPublic(Public):

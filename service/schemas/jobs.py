@@ -29,3 +29,4 @@ class JobPublic(Public):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    requested_by: str | None = Field(None, description="the name of the API key that asked for it")

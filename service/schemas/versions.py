@@ -34,6 +34,7 @@ class VersionPublic(Public):
     update_norm: float | None
     tensor_sha256: StrDict
     timing: FloatDict
+    requested_by: str | None = Field(None, description="the name of the API key that asked for it")
 
 
 class VersionsPublic(Public):

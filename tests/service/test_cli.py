@@ -9,6 +9,7 @@ same code (see the README's walkthrough and tests/quality).
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,3 +67,51 @@ def test_up_serves_edits_and_stops_cleanly(tmp_path: Path) -> None:
     # stopped (memedit_up asserted the clean exit and that nothing serves `data`)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{up.url}/healthz", timeout=2)
+
+
+def _memedit(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+
+
+def test_keys_on_the_embedded_ledger_while_up_runs(tmp_path: Path) -> None:
+    """``memedit keys`` finds the ledger that ``up`` keeps in ``--data-dir`` (no
+    DATABASE_URL), and leaves ``up``'s PostgreSQL running when it is done."""
+    folder = save_tiny(tmp_path / "tiny")
+    data = tmp_path / "data"
+    env = user_env(
+        MEMEDIT_MODELS=json.dumps({"tiny": {"source": str(folder)}}), OMP_NUM_THREADS="1"
+    )
+    argv = [sys.executable, "-m", "service.cli", "up", "--model", "tiny",
+            "--port", str(free_port()), "--data-dir", str(data)]  # fmt: skip
+    with memedit_up(argv, env=env, log=tmp_path / "up.log", data_dir=data, stop_timeout_s=60) as up:
+        up.wait_for(lambda: "memedit is up at" in up.text(), 120, "the API")
+        with httpx.Client(base_url=up.url, timeout=30) as c:
+            assert c.get("/v1/models").status_code == 200  # no key yet: loopback is served
+            made = _memedit("keys", "create", "--name", "ops", "--scope", "reads",
+                            "--data-dir", str(data), env=env)  # fmt: skip
+            assert made.returncode == 0, made.stderr
+            secret = made.stdout.strip().splitlines()[-1]
+            assert secret.startswith("mk_")
+            assert c.get("/v1/models").status_code == 401
+            auth = {"Authorization": f"Bearer {secret}"}
+            assert c.get("/v1/models", headers=auth).status_code == 200
+            denied = c.post("/v1/models/tiny/rollback", json={"to_version": 0}, headers=auth)
+            assert denied.status_code == 403
+            listed = _memedit("keys", "list", "--data-dir", str(data), env=env)
+            assert "ops" in listed.stdout and secret not in listed.stdout
+            gone = _memedit("keys", "revoke", "ops", "--data-dir", str(data), env=env)
+            assert gone.returncode == 0, gone.stderr
+            assert c.get("/v1/models", headers=auth).status_code == 200  # no key left
+            assert c.get("/healthz").json() == {"status": "ok"}
+
+
+def test_up_refuses_a_public_host_without_keys(tmp_path: Path) -> None:
+    env = user_env(OMP_NUM_THREADS="1")
+    data = tmp_path / "data"
+    done = _memedit("up", "--host", "0.0.0.0", "--port", str(free_port()),
+                    "--data-dir", str(data), env=env)  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--insecure-no-auth" in done.stderr and "memedit keys create" in done.stderr

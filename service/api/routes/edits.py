@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi import status as http
 
 from service import ledger
+from service.api.auth import EditsWrite, Reads
 from service.api.deps import ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.ledger.tables import EditStatus
 from service.schemas import EditCreate, EditJobCreated, EditPublic, EditsPublic
@@ -17,7 +18,7 @@ router = APIRouter(tags=["edits"])
 
 @router.post("/v1/models/{model}/edits", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
 def create_edits(
-    model: str, body: EditCreate, backends: BackendsDep, response: Response
+    model: str, body: EditCreate, backends: BackendsDep, response: Response, who: EditsWrite
 ) -> EditJobCreated:
     """Queue one job applying ``requests`` with ``method`` (ROME: one version per
     request, in order; MEMIT: batches of at most the model's ``max_batch`` requests,
@@ -35,7 +36,7 @@ def create_edits(
             max_requests=backends.settings.max_requests_per_edit,
             batching=body.batching,
         )
-        job = backends.commit_and_queue(model, job, response)
+        job = backends.commit_and_queue(model, job, response, requested_by=who)
     else:
         backends.queue(model, job, response)
     return EditJobCreated(
@@ -47,6 +48,7 @@ def create_edits(
 def list_edits(
     model: str,
     session: SessionDep,
+    _: Reads,
     status: Annotated[EditStatus | None, Query(description="only edits in this status")] = None,
     limit: Limit = 50,
     cursor: Cursor = None,

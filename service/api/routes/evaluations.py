@@ -8,6 +8,7 @@ from fastapi import APIRouter, Path, Query, Response
 from fastapi import status as http
 
 from service import ledger
+from service.api.auth import Evaluations, Reads
 from service.api.deps import ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.ledger.tables import Evaluation
 from service.schemas import (
@@ -24,7 +25,11 @@ router = APIRouter(tags=["evaluations"])
 
 @router.post("/v1/models/{model}/evaluations", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
 def create_evaluation(
-    model: str, body: EvaluationCreate, backends: BackendsDep, response: Response
+    model: str,
+    body: EvaluationCreate,
+    backends: BackendsDep,
+    response: Response,
+    who: Evaluations,
 ) -> EvaluationJobCreated:
     """Queue a job running ``suite`` on ``version`` (default: the head now). The
     result is stored against that version; poll ``/v1/jobs/{job_id}`` or list the
@@ -34,7 +39,7 @@ def create_evaluation(
         job, _ = ledger.create_evaluation_job(
             backends.session, model, body.suite, body.version, body.params
         )
-        job = backends.commit_and_queue(model, job, response, evaluation=True)
+        job = backends.commit_and_queue(model, job, response, evaluation=True, requested_by=who)
     else:
         backends.queue(model, job, response, evaluation=True)
     evaluation = ledger.evaluation_of_job(backends.session, job.id)
@@ -50,6 +55,7 @@ def create_evaluation(
 def list_evaluations(
     model: str,
     session: SessionDep,
+    _: Reads,
     suite: Annotated[SuiteName | None, Query(description="only this suite")] = None,
     version: Annotated[int | None, Query(ge=0, le=MAX_INT, description="only this version")] = None,
     details: Annotated[bool, Query(description="include each run's details")] = False,
@@ -67,7 +73,10 @@ def list_evaluations(
 
 @router.get("/v1/models/{model}/evaluations/{evaluation_id}", responses=ERRORS)
 def get_evaluation(
-    model: str, evaluation_id: Annotated[int, Path(ge=1, le=MAX_INT)], session: SessionDep
+    model: str,
+    evaluation_id: Annotated[int, Path(ge=1, le=MAX_INT)],
+    session: SessionDep,
+    _: Reads,
 ) -> EvaluationPublic:
     """One evaluation with its details."""
     return _public(ledger.get_evaluation(session, model, evaluation_id), True)
@@ -77,6 +86,7 @@ def get_evaluation(
 def list_alerts(
     model: str,
     session: SessionDep,
+    _: Reads,
     suite: Annotated[SuiteName | None, Query(description="only this suite")] = None,
     limit: Limit = 50,
     cursor: Cursor = None,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from service import ledger
+from service.api.auth import requires
 from service.api.deps import ERRORS, SessionDep
 from service.schemas import JobPublic
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], dependencies=[Depends(requires("reads"))])
 
 
 @router.get("/v1/jobs/{job_id}", responses=ERRORS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service import ledger
+from service.api.auth import Admin, Reads
 from service.api.deps import ERRORS, Backends, BackendsDep
 from service.ledger.tables import Model
 from service.schemas import ModelPublic, PolicyUpdate
@@ -13,8 +14,8 @@ from service.schemas import ModelPublic, PolicyUpdate
 router = APIRouter(tags=["models"])
 
 
-@router.get("/v1/models")
-def list_models(backends: BackendsDep) -> list[ModelPublic]:
+@router.get("/v1/models", responses=ERRORS)
+def list_models(backends: BackendsDep, _: Reads) -> list[ModelPublic]:
     """The configured models, their head version and what their worker is doing
     (``worker.state``: ``loading``, ``statistics`` with ``progress``, ``ready`` or
     ``no worker``)."""
@@ -22,7 +23,7 @@ def list_models(backends: BackendsDep) -> list[ModelPublic]:
 
 
 @router.put("/v1/models/{model}/policy", responses=ERRORS)
-def set_policy(model: str, body: PolicyUpdate, backends: BackendsDep) -> ModelPublic:
+def set_policy(model: str, body: PolicyUpdate, backends: BackendsDep, _: Admin) -> ModelPublic:
     """Replace the model's evaluation policy: suites run after every version whose
     number is a multiple of ``every_versions``, compared with ``thresholds``; a
     breach raises an alert and, with ``action: rollback``, queues a rollback to the

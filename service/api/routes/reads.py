@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from sqlalchemy.orm import Session
 
 from service import ledger, queue
+from service.api.auth import requires
 from service.api.deps import SYNC_ERRORS, ReadsRedisDep, SessionDep, SettingsDep
 from service.errors import InvalidInput
 from service.schemas import (
@@ -17,7 +18,7 @@ from service.schemas import (
     ScoreResponse,
 )
 
-router = APIRouter(tags=["reads"])
+router = APIRouter(tags=["reads"], dependencies=[Depends(requires("reads"))])
 
 
 @router.post("/v1/models/{model}/score", responses=SYNC_ERRORS)

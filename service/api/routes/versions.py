@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi import status as http
 
 from service import ledger
+from service.api.auth import EditsWrite, Reads
 from service.api.deps import ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.schemas import (
     GuardDecisionPublic,
@@ -24,7 +25,7 @@ router = APIRouter(tags=["versions"])
 
 @router.get("/v1/models/{model}/versions", responses=ERRORS)
 def list_versions(
-    model: str, session: SessionDep, limit: Limit = 50, cursor: Cursor = None
+    model: str, session: SessionDep, _: Reads, limit: Limit = 50, cursor: Cursor = None
 ) -> VersionsPublic:
     """The model's versions by ascending number (0 is the base weights)."""
     page = ledger.list_versions(session, model, limit=limit, cursor=cursor)
@@ -35,13 +36,13 @@ def list_versions(
 
 @router.post("/v1/models/{model}/rollback", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
 def create_rollback(
-    model: str, body: RollbackCreate, backends: BackendsDep, response: Response
+    model: str, body: RollbackCreate, backends: BackendsDep, response: Response, who: EditsWrite
 ) -> JobCreated:
     """Queue a job appending a version whose weights equal ``to_version``'s."""
     job = backends.replayed(model, "rollback", body)
     if job is None:
         job = ledger.create_rollback_job(backends.session, model, body.to_version)
-        job = backends.commit_and_queue(model, job, response)
+        job = backends.commit_and_queue(model, job, response, requested_by=who)
     else:
         backends.queue(model, job, response)
     return JobCreated(job_id=job.id, worker=backends.worker(model))
@@ -51,6 +52,7 @@ def create_rollback(
 def list_guard_decisions(
     model: str,
     session: SessionDep,
+    _: Reads,
     accepted: Annotated[
         bool | None, Query(description="only accepted (true) or rejected (false) updates")
     ] = None,

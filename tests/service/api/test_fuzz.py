@@ -1,6 +1,6 @@
 """Fuzz every operation of the OpenAPI document (schemathesis; a fixed number of
 examples per operation, derandomised so that CI runs the same requests) against the
-API under a real uvicorn server, the real PostgreSQL and Redis.
+API under a real uvicorn server, the real PostgreSQL and Redis, with an admin key.
 
 Checked for every generated request: no answer is a 500 (the one documented 5xx
 that this setup can answer is the 503 of score and generate while no worker serves
@@ -17,8 +17,10 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
 from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
 
 from service.api import create_app
+from service.ledger import keys as ledger_keys
 from service.settings import Settings
 from tests.conftest import LEDGER_TABLES
 from tests.served import serve
@@ -36,6 +38,16 @@ def url(api_settings: Settings, clean_db: Engine, redis_conn: object) -> Iterato
         yield base
 
 
+@pytest.fixture
+def admin(clean_db: Engine) -> dict[str, str]:
+    """An admin key: every request is sent with it (tests/service/api/test_auth.py
+    covers the requests without one)."""
+    with Session(clean_db) as s:
+        _, secret = ledger_keys.create_key(s, "fuzzer", ["admin"])
+        s.commit()
+    return {"Authorization": f"Bearer {secret}"}
+
+
 def _rows(engine: Engine) -> dict[str, int]:
     with engine.connect() as conn:
         return {
@@ -51,10 +63,15 @@ def _rows(engine: Engine) -> dict[str, int]:
     suppress_health_check=list(HealthCheck),
     database=None,
 )
-def test_fuzzed_requests_get_documented_answers(case, url: str, clean_db: Engine) -> None:  # noqa: ANN001
+def test_fuzzed_requests_get_documented_answers(
+    case,  # noqa: ANN001
+    url: str,
+    clean_db: Engine,
+    admin: dict[str, str],
+) -> None:
     before = _rows(clean_db)
     with requests.Session() as http:
-        resp = case.call(base_url=url, session=http, timeout=30)
+        resp = case.call(base_url=url, session=http, headers=admin, timeout=30)
     status = resp.status_code
     what = (f"{case.method} {case.formatted_path} {resp.request.headers.get('Content-Type')} "
             f"{(resp.request.body or b'')[:80]!r} -> {status}: {resp.text[:300]}")  # fmt: skip
@@ -62,6 +79,10 @@ def test_fuzzed_requests_get_documented_answers(case, url: str, clean_db: Engine
         # schemathesis also sends methods the path does not have
         assert status == 405, what
         return
+    if resp.request.headers.get("Authorization") == admin["Authorization"]:
+        assert status not in (401, 403), f"the admin key was not accepted: {what}"
+    elif case.operation.path != "/healthz":  # schemathesis dropped or mangled the key
+        assert status == 401, what
     documented = set(case.operation.definition.raw.get("responses", {}))
     assert str(status) in documented, f"undocumented status: {what}"
     if status >= 500:

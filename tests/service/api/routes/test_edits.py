@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 from service.api import create_app
 from service.ledger.tables import Edit, EditStatus, Job, JobStatus, Version
 from service.settings import Settings
+from tests.conftest import LOOPBACK
 from tests.service.conftest import (
     MODEL,
     OTHER,
@@ -305,7 +306,7 @@ def test_edit_while_redis_is_down_is_202_and_stays_queued_in_the_ledger(
     that retried a 503 would edit the fact twice) and the writer's reconciler
     enqueues the job (tests/workers/test_reconciler.py)."""
     broken = api_settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
-    with TestClient(create_app(broken)) as c:
+    with TestClient(create_app(broken), client=LOOPBACK) as c:
         resp = c.post(f"/v1/models/{MODEL}/edits", json=edit_body())
     assert resp.status_code == 202, resp.text
     assert resp.json()["worker"]["state"] == "unknown"

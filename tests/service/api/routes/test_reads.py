@@ -26,6 +26,7 @@ from service.api import create_app
 from service.presence import Phase
 from service.redis_clients import COMMAND_TIMEOUT_S
 from service.settings import Settings
+from tests.conftest import LOOPBACK
 from tests.service.conftest import MODEL, OTHER, announce
 
 from . import fake_worker
@@ -39,7 +40,9 @@ def patient_client(
 ) -> Iterator[TestClient]:
     """A client whose API waits long enough for the in-test worker to start; both
     models' workers are announced as ready."""
-    with TestClient(create_app(api_settings.model_copy(update={"sync_timeout_s": 20}))) as c:
+    with TestClient(
+        create_app(api_settings.model_copy(update={"sync_timeout_s": 20})), client=LOOPBACK
+    ) as c:
         announce(api_settings, MODEL)
         announce(api_settings, OTHER)
         yield c
