@@ -44,6 +44,18 @@ class Forbidden(ServiceError):
     error_type = "forbidden"
 
 
+class RateLimited(ServiceError):
+    """Too many work-creating requests from one key in the current minute (HTTP 429,
+    with ``Retry-After``)."""
+
+    status_code = 429
+    error_type = "rate_limited"
+
+    def __init__(self, field: str | None, message: str, *, retry_after_s: int) -> None:
+        super().__init__(field, message)
+        self.retry_after_s = retry_after_s
+
+
 class Conflict(ServiceError):
     """The request contradicts the ledger's current state (HTTP 409)."""
 

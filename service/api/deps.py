@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import ledger, presence, queue
+from service.api.limits import admit
 from service.errors import Unavailable
 from service.ledger import idempotency
 from service.ledger.tables import Job, JobStatus
@@ -67,6 +68,15 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorPublic, "description": "invalid input; names the field"},
     503: {"model": ErrorPublic, "description": "the ledger database (or Redis) did not answer"},
 }
+# the POSTs that create a job
+WORK_ERRORS: dict[int | str, dict[str, Any]] = {
+    **ERRORS,
+    429: {
+        "model": ErrorPublic,
+        "description": "over rate_limit_per_minute new jobs this minute; see Retry-After",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+    },
+}
 SYNC_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     502: {"model": ErrorPublic, "description": "the worker raised"},
@@ -112,6 +122,7 @@ class Backends:
     redis: Redis
     settings: Settings
     key: str | None = None
+    client: str = "unknown"
     _sha256: str | None = None
 
     def worker(self, model: str) -> WorkerPublic:
@@ -124,6 +135,11 @@ class Backends:
             return None
         self._sha256 = idempotency.fingerprint(kind, body.model_dump(mode="json"))
         return idempotency.job_for_key(self.session, model, self.key, self._sha256)
+
+    def admit(self, who: str | None) -> None:
+        """Count a job about to be created against its key's rate limit (the client's
+        address while no key is defined; service/api/limits.py)."""
+        admit(self.redis, self.settings, who if who is not None else f"addr:{self.client}")
 
     def commit_and_queue(
         self,
@@ -142,6 +158,7 @@ class Backends:
         The ledger comes first: once the row is committed the answer is 202 even if
         Redis does not answer, since the writer's reconciler (workers/reconciler.py)
         enqueues ledger jobs that are missing from Redis."""
+        self.admit(requested_by)  # over the limit: 429, nothing committed
         if self.key is not None and self._sha256 is not None:
             idempotency.remember(job, self.key, self._sha256)
         job.requested_by = requested_by
@@ -176,9 +193,14 @@ class Backends:
 
 
 def _backends(
-    session: SessionDep, redis: RedisDep, settings: SettingsDep, key: IDEMPOTENCY_KEY = None
+    request: Request,
+    session: SessionDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    key: IDEMPOTENCY_KEY = None,
 ) -> Backends:
-    return Backends(session, redis, settings, key)
+    client = request.client.host if request.client else "unknown"
+    return Backends(session, redis, settings, key, client)
 
 
 BackendsDep = Annotated[Backends, Depends(_backends)]

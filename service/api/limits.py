@@ -1,18 +1,63 @@
-"""The request body cap: a body larger than ``settings.max_body_bytes`` is refused
-with 413 before anything parses it.
+"""Limits on what clients send.
 
-A pure ASGI middleware (so it sees the bytes as they arrive): a declared
-``Content-Length`` over the cap is refused without reading the body; otherwise the
-body is read up to the cap (chunked uploads included) and handed on to the app.
+- The request body cap (:class:`BodyLimit`): a body larger than
+  ``settings.max_body_bytes`` is refused with 413 before anything parses it. A pure
+  ASGI middleware (so it sees the bytes as they arrive): a declared
+  ``Content-Length`` over the cap is refused without reading the body; otherwise the
+  body is read up to the cap (chunked uploads included) and handed on to the app.
+- The rate limit on work-creating requests (:func:`admit`): at most
+  ``settings.rate_limit_per_minute`` new jobs per key (per client address while no
+  key is defined) in each clock minute, counted in Redis; over it, 429 with
+  ``Retry-After``. A replay of an ``Idempotency-Key`` creates nothing and is not
+  counted. A Redis that does not answer admits the request (the ledger, not the
+  counter, is what must not be lost).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import time
 
+from redis import Redis
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.errors import RateLimited
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
 TOO_LARGE = 413
+_WINDOW_S = 60
+
+
+def admit(redis: Redis, settings: Settings, who: str) -> None:
+    """Count one work-creating request of ``who`` (a key name, or ``addr:<host>``);
+    :class:`RateLimited` when it is over this minute's limit."""
+    limit = settings.rate_limit_per_minute
+    if limit <= 0:
+        return
+    now = time.time()
+    window = int(now // _WINDOW_S)
+    key = f"{settings.queue_prefix}:rate:{who}:{window}"
+    try:
+        pipe = redis.pipeline()
+        pipe.incr(key)
+        pipe.expire(key, 2 * _WINDOW_S)
+        count = int(pipe.execute()[0])
+    except RedisError as exc:
+        log.warning("rate limit of %s not checked (Redis: %s); admitting", who, exc)
+        return
+    if count > limit:
+        retry = max(1, math.ceil((window + 1) * _WINDOW_S - now))
+        raise RateLimited(
+            None,
+            f"more than {limit} work-creating requests this minute from {who}; "
+            f"try again in {retry} s",
+            retry_after_s=retry,
+        )
 
 
 class BodyLimit:

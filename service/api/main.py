@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service import VERSION, ledger, queue
 from service.api.limits import BodyLimit
 from service.api.routes import ROUTERS
-from service.errors import ServiceError, Unauthorized, WorkerUnavailable
+from service.errors import RateLimited, ServiceError, Unauthorized, WorkerUnavailable
 from service.ledger.sessions import create_ledger_engine, session_factory
 from service.redis_clients import blocking_client, command_client
 from service.schemas import ErrorItem, ErrorPublic, WorkerPublic
@@ -102,6 +102,10 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code >= 500:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
     item = ErrorItem(field=exc.field, message=exc.message, type=exc.error_type)
+    if isinstance(exc, RateLimited):
+        response = _error_response(exc.status_code, [item])
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
     if isinstance(exc, Unauthorized):
         response = _error_response(exc.status_code, [item])
         response.headers["WWW-Authenticate"] = "Bearer"

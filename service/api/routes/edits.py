@@ -9,16 +9,20 @@ from fastapi import status as http
 
 from service import ledger
 from service.api.auth import EditsWrite, Reads
-from service.api.deps import ERRORS, BackendsDep, Cursor, Limit, SessionDep
+from service.api.deps import ERRORS, WORK_ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.ledger.tables import EditStatus
 from service.schemas import EditCreate, EditJobCreated, EditPublic, EditsPublic
 
 router = APIRouter(tags=["edits"])
 
 
-@router.post("/v1/models/{model}/edits", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
+@router.post("/v1/models/{model}/edits", status_code=http.HTTP_202_ACCEPTED, responses=WORK_ERRORS)
 def create_edits(
-    model: str, body: EditCreate, backends: BackendsDep, response: Response, who: EditsWrite
+    model: str,
+    body: EditCreate,
+    backends: BackendsDep,
+    response: Response,
+    who: EditsWrite,
 ) -> EditJobCreated:
     """Queue one job applying ``requests`` with ``method`` (ROME: one version per
     request, in order; MEMIT: batches of at most the model's ``max_batch`` requests,

@@ -9,7 +9,7 @@ from fastapi import status as http
 
 from service import ledger
 from service.api.auth import Evaluations, Reads
-from service.api.deps import ERRORS, BackendsDep, Cursor, Limit, SessionDep
+from service.api.deps import ERRORS, WORK_ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.ledger.tables import Evaluation
 from service.schemas import (
     MAX_INT,
@@ -23,7 +23,9 @@ from service.suites import SuiteName
 router = APIRouter(tags=["evaluations"])
 
 
-@router.post("/v1/models/{model}/evaluations", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
+@router.post(
+    "/v1/models/{model}/evaluations", status_code=http.HTTP_202_ACCEPTED, responses=WORK_ERRORS
+)
 def create_evaluation(
     model: str,
     body: EvaluationCreate,

@@ -10,7 +10,7 @@ from fastapi import status as http
 
 from service import ledger
 from service.api.auth import EditsWrite, Reads
-from service.api.deps import ERRORS, BackendsDep, Cursor, Limit, SessionDep
+from service.api.deps import ERRORS, WORK_ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.schemas import (
     GuardDecisionPublic,
     GuardDecisionsPublic,
@@ -34,9 +34,15 @@ def list_versions(
     )
 
 
-@router.post("/v1/models/{model}/rollback", status_code=http.HTTP_202_ACCEPTED, responses=ERRORS)
+@router.post(
+    "/v1/models/{model}/rollback", status_code=http.HTTP_202_ACCEPTED, responses=WORK_ERRORS
+)
 def create_rollback(
-    model: str, body: RollbackCreate, backends: BackendsDep, response: Response, who: EditsWrite
+    model: str,
+    body: RollbackCreate,
+    backends: BackendsDep,
+    response: Response,
+    who: EditsWrite,
 ) -> JobCreated:
     """Queue a job appending a version whose weights equal ``to_version``'s."""
     job = backends.replayed(model, "rollback", body)

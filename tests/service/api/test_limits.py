@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
 
 from service.api.limits import BodyLimit
+from service.ledger import keys as ledger_keys
 from service.ledger.tables import Edit, Evaluation, Job
 from service.schemas import MAX_INT
 from service.settings import Settings
@@ -128,3 +131,57 @@ def test_a_body_that_is_not_utf8_json_is_422_naming_the_body(
     )
     assert_names_field(resp, 422, "body")
     assert counts(clean_db, Job) == (0,)
+
+
+def _fresh_minute() -> None:
+    """Start the counted requests well inside one clock minute (the window)."""
+    left = 60 - time.time() % 60
+    if left < 10:
+        time.sleep(left + 0.1)
+
+
+def test_work_creating_posts_are_rate_limited_per_key(
+    api_settings: Settings,
+    app_client: Callable[[Settings], TestClient],
+    clean_db: Engine,
+) -> None:
+    client = app_client(api_settings.model_copy(update={"rate_limit_per_minute": 3}))
+    with Session(clean_db) as s:
+        first = ledger_keys.create_key(s, "first", ["admin"])[1]
+        second = ledger_keys.create_key(s, "second", ["admin"])[1]
+        s.commit()
+    auth = {"Authorization": f"Bearer {first}"}
+    _fresh_minute()
+    posts = [
+        lambda: client.post(f"/v1/models/{MODEL}/edits", json=edit_body(), headers=auth),
+        lambda: client.post(f"/v1/models/{MODEL}/rollback", json={"to_version": 0}, headers=auth),
+        lambda: client.post(
+            f"/v1/models/{MODEL}/evaluations", json={"suite": "retention"}, headers=auth
+        ),
+    ]
+    assert [p().status_code for p in posts] == [202, 202, 202]
+    over = client.post(f"/v1/models/{MODEL}/edits", json=edit_body(), headers=auth)
+    body = over.json()
+    assert over.status_code == 429, over.text
+    assert 1 <= int(over.headers["Retry-After"]) <= 60
+    assert "first" in body["detail"]
+    assert counts(clean_db, Job) == (3,)
+    # reads are not counted, nor are other keys' requests
+    assert client.get(f"/v1/models/{MODEL}/edits", headers=auth).status_code == 200
+    other = {"Authorization": f"Bearer {second}"}
+    assert (
+        client.post(f"/v1/models/{MODEL}/edits", json=edit_body(), headers=other).status_code == 202
+    )
+
+
+def test_a_replay_is_not_counted(
+    api_settings: Settings, app_client: Callable[[Settings], TestClient], clean_db: Engine
+) -> None:
+    client = app_client(api_settings.model_copy(update={"rate_limit_per_minute": 1}))
+    _fresh_minute()
+    key = {"Idempotency-Key": "once"}
+    answers = [client.post(f"/v1/models/{MODEL}/edits", json=edit_body(), headers=key)
+               for _ in range(3)]  # fmt: skip
+    assert [a.status_code for a in answers] == [202, 202, 202]
+    assert client.post(f"/v1/models/{MODEL}/edits", json=edit_body()).status_code == 429
+    assert counts(clean_db, Job) == (1,)
