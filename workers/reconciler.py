@@ -99,6 +99,7 @@ class Reconciler:
     def start(self) -> None:
         if self._thread is not None:
             return
+        self._stop.clear()
         self._thread = threading.Thread(
             target=self._loop, name=f"reconciler-{self.model}", daemon=True
         )

@@ -31,6 +31,7 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 from rq.job import Job as RqJob
 
+from service.ledger.lease import WriterLease
 from service.presence import Phase, Presence
 from service.redis_clients import WORKER_TTL_S, command_client, worker_client
 from service.settings import Settings, get_settings
@@ -40,6 +41,7 @@ from workers.editing.common.templates import TemplateCache
 from workers.evaluation.canary import CanaryCache
 from workers.models.loading import load_model, weights_fingerprint
 from workers.reconciler import Reconciler
+from workers.roles import CHECK_S, Roles
 from workers.runtime import ModelRuntime
 from workers.state import WorkerState
 
@@ -152,6 +154,7 @@ class StartingWorker(StateWorker):
         reads_ok: bool,
         presence: Presence | None = None,
         state: WorkerState | None = None,
+        roles: Roles | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(queues, state=state, **kwargs)
@@ -159,6 +162,7 @@ class StartingWorker(StateWorker):
         self._read_queue = read_queue
         self._reads_ok = reads_ok
         self._presence = presence
+        self._roles = roles
         self.startup_error: BaseException | None = None
 
     def dequeue_job_and_maintain_ttl(
@@ -170,7 +174,16 @@ class StartingWorker(StateWorker):
                 if found is not None:
                     return found
             self._step()
-        return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        if self._roles is None:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        if timeout is None:  # burst: one look at the lease, then what is queued
+            self._roles.check(self)
+            return super().dequeue_job_and_maintain_ttl(None, max_idle_time)
+        while True:  # the lease is looked at before each job and every CHECK_S idle
+            self._roles.check(self)
+            found = super().dequeue_job_and_maintain_ttl(CHECK_S, CHECK_S)
+            if found is not None:
+                return found
 
     def _dequeue_read(self) -> Any:
         """A job of the read queue if one waits (no blocking), through rq's own
@@ -190,7 +203,8 @@ class StartingWorker(StateWorker):
         except StopIteration:
             self._startup = None
             if self._presence is not None:
-                self._presence.set(Phase.ready)
+                role = self._roles.describe() if self._roles is not None else None
+                self._presence.set(Phase.ready, message=role)
             log.info("worker %s: start-up done", self.name)
             return
         except BaseException as exc:
@@ -227,21 +241,28 @@ def main(name: str, *, burst: bool = False, presence: Presence | None = None) ->
         # reads between start-up steps see the head only if the weights are it already
         reads_ok = state.runtime.current_version == startup.ledger_head(state)
         conn: Redis = worker_client(settings.redis_url)
-        # puts back what Redis loses while this worker runs (workers/reconciler.py)
-        reconciler = Reconciler(
-            settings, name, state.model_id, state.engine, command_client(settings.redis_url)
-        )
         queues = [
             Queue(settings.read_queue(name), connection=conn),
             Queue(settings.edit_queue(name), connection=conn),
             Queue(settings.eval_queue(name), connection=conn),
         ]
+        # one writer per model (the lease); the writer puts back what the previous one
+        # left and runs the reconciler (workers/roles.py, workers/reconciler.py)
+        roles = Roles(
+            WriterLease(state.engine, state.model_id),
+            read_queue=queues[0],
+            writer_queues=queues,
+            reconciler=Reconciler(
+                settings, name, state.model_id, state.engine, command_client(settings.redis_url)
+            ),
+            take_over=lambda: startup.requeue_unfinished(state, queues[1]),
+            presence=presence,
+        )
 
         def steps() -> Steps[None]:
             head = yield from startup_steps(state)
-            startup.requeue_unfinished(state, queues[1])
-            reconciler.start()
-            log.info("worker for %s ready at version %s", name, head)
+            role = "writer" if roles.check(worker) else "replica"
+            log.info("worker for %s ready at version %s (%s)", name, head, role)
 
         worker = StartingWorker(
             queues,
@@ -250,6 +271,7 @@ def main(name: str, *, burst: bool = False, presence: Presence | None = None) ->
             reads_ok=reads_ok,
             presence=presence,
             state=state,
+            roles=roles,
             connection=conn,
             name=presence.name,
             worker_ttl=WORKER_TTL_S,
@@ -257,7 +279,7 @@ def main(name: str, *, burst: bool = False, presence: Presence | None = None) ->
         try:
             worker.work(burst=burst, logging_level=logging.getLevelName(log.getEffectiveLevel()))
         finally:
-            reconciler.stop()
+            roles.stop()
         if worker.startup_error is not None:
             raise RuntimeError(f"the worker for {name} could not start") from worker.startup_error
     finally:

@@ -5,10 +5,6 @@ the jobs still run in ledger order."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +22,7 @@ from service.ledger import models as ledger_models
 from service.ledger.sessions import session_scope
 from service.ledger.tables import Job, JobStatus
 from service.settings import GuardPolicy, ModelSpec, Settings
+from tests import worker_harness as harness
 from tests.service.conftest import edit_body
 from tests.tiny_models import TINY_OVERRIDES
 from workers.reconciler import Reconciler
@@ -175,18 +172,6 @@ def test_a_flush_under_a_live_worker_loses_no_job(
     within 60 s, with the same worker process, in ledger order."""
     fast = {**TINY_OVERRIDES["memit"], "mom2_n_samples": 32, "mom2_sample_tokens": 16,
             "v_num_grad_steps": 5}  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMEDIT_")}
-    env.update(
-        MEMEDIT_DATABASE_URL=tiny_settings.database_url,
-        MEMEDIT_REDIS_URL=tiny_settings.redis_url,
-        MEMEDIT_MODELS=json.dumps({MODEL: tiny_settings.models[MODEL].model_dump()}),
-        MEMEDIT_ARTIFACT_DIR=str(tiny_settings.artifact_dir),
-        MEMEDIT_CACHE_DIR=str(tiny_settings.effective_cache_dir),
-        MEMEDIT_WARM_STATISTICS="false",
-        MEMEDIT_RECONCILE_INTERVAL_S="1",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-    )
     subjects = ["Mozart", "Picasso", "Einstein", "Curie", "Newton", "Darwin"]
     jobs = []
     for subject in subjects:
@@ -196,11 +181,7 @@ def test_a_flush_under_a_live_worker_loses_no_job(
         assert r.status_code == 202, r.text
         jobs.append(r.json()["job_id"])
     log = tmp_path / "worker.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--model", MODEL],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+    proc = harness.spawn_worker(tiny_settings, MODEL, log, MEMEDIT_RECONCILE_INTERVAL_S="1")
 
     def statuses() -> list[JobStatus]:
         with session_scope(clean_db) as s:
@@ -221,12 +202,7 @@ def test_a_flush_under_a_live_worker_loses_no_job(
             time.sleep(0.2)
         assert proc.poll() is None, "the worker must not need a restart"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        harness.stop(proc)
     versions = [client.get(f"/v1/jobs/{j}").json()["result"]["versions"] for j in jobs]
     assert versions == [[n] for n in range(1, len(jobs) + 1)], (versions, log.read_text())
     assert "re-enqueued" in log.read_text()

@@ -1,0 +1,88 @@
+"""The writer lease: exactly one worker per model writes (edits, rollbacks,
+evaluations, the reconciler); every other worker of the model is a replica that
+serves reads.
+
+The lease is a PostgreSQL session-level advisory lock on ``(NAMESPACE, model id)``,
+held on a connection of its own for as long as the writer lives. PostgreSQL frees
+it when that connection ends: the writer exits or is killed, its host disappears
+(TCP keepalives), or PostgreSQL restarts. A replica that tries again then takes it
+over. A worker checks that it still holds the lease before each job it takes
+(:meth:`WriterLease.held`), and a version's number is unique per model, so even a
+writer that lost the lease without noticing cannot commit a second version N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+
+log = logging.getLogger(__name__)
+
+# the first key of memedit's advisory locks (the second is the model's id)
+NAMESPACE = 0x6D65  # "me"
+
+
+class WriterLease:
+    """The advisory lock of one model, taken on a connection of its own."""
+
+    def __init__(self, engine: Engine, model_id: int) -> None:
+        self.engine = engine
+        self.model_id = model_id
+        self._conn: Connection | None = None
+
+    def try_acquire(self) -> bool:
+        """Take the lease if nobody holds it; True if this worker holds it now."""
+        if self.held():
+            return True
+        try:
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except SQLAlchemyError as exc:
+            log.warning("writer lease of model %d: the ledger did not answer (%s)",
+                        self.model_id, exc)  # fmt: skip
+            return False
+        try:
+            got = conn.execute(
+                text("SELECT pg_try_advisory_lock(:ns, :model)"),
+                {"ns": NAMESPACE, "model": self.model_id},
+            ).scalar_one()
+        except SQLAlchemyError as exc:
+            conn.close()
+            log.warning("writer lease of model %d: %s", self.model_id, exc)
+            return False
+        if not got:
+            conn.close()
+            return False
+        self._conn = conn
+        log.info("took the writer lease of model %d", self.model_id)
+        return True
+
+    def held(self) -> bool:
+        """Whether this worker still holds the lease (its connection answers)."""
+        if self._conn is None:
+            return False
+        try:
+            self._conn.execute(text("SELECT 1"))
+            return True
+        except SQLAlchemyError:
+            log.warning("lost the writer lease of model %d (its connection ended)", self.model_id)
+            self._drop()
+            return False
+
+    def release(self) -> None:
+        if self._conn is None:
+            return
+        with contextlib.suppress(SQLAlchemyError):  # a lost connection took the lock along
+            self._conn.execute(
+                text("SELECT pg_advisory_unlock(:ns, :model)"),
+                {"ns": NAMESPACE, "model": self.model_id},
+            )
+        self._drop()
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(SQLAlchemyError):
+                conn.close()
