@@ -142,6 +142,8 @@ class Settings(BaseSettings):
     # how often a model's writer compares the ledger's queued jobs with its Redis
     # queues and re-enqueues the ones Redis lost (a flush, a failed enqueue)
     reconcile_interval_s: float = Field(10.0, gt=0)
+    # how long a worker waits for an unreachable ledger before giving a job up
+    ledger_outage_wait_s: float = Field(600.0, gt=0)
     # new jobs (edits, rollbacks, evaluations) per API key per minute; 0: no limit
     rate_limit_per_minute: int = Field(600, ge=0)
     # serve clients off loopback although no API key is defined (service/api/auth.py)

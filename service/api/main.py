@@ -35,6 +35,9 @@ from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+# Retry-After of a 503 when the ledger database or Redis did not answer
+DATABASE_RETRY_AFTER_S = 5
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API bound to ``settings`` (default: :func:`service.settings.get_settings`).
@@ -168,10 +171,14 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
         )
     log.error("%s %s: database error", request.method, request.url.path, exc_info=exc)
     item = ErrorItem(field=None, message="the ledger database did not answer", type="unavailable")
-    return _error_response(http.HTTP_503_SERVICE_UNAVAILABLE, [item])
+    response = _error_response(http.HTTP_503_SERVICE_UNAVAILABLE, [item])
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+    return response
 
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("%s %s: redis error", request.method, request.url.path, exc_info=exc)
     item = ErrorItem(field=None, message="the queue (Redis) did not answer", type="unavailable")
-    return _error_response(http.HTTP_503_SERVICE_UNAVAILABLE, [item])
+    response = _error_response(http.HTTP_503_SERVICE_UNAVAILABLE, [item])
+    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+    return response

@@ -345,6 +345,17 @@ def put_back(session: Session, job: Job, message: str) -> None:
         )
 
 
+def put_back_running(session: Session, model_id: int, message: str) -> list[str]:
+    """Every ``running`` job of the model becomes ``queued`` again (the writer lost
+    track of them: a ledger outage); their ids."""
+    moved = []
+    for job in unfinished_jobs(session, model_id):
+        if job.status is JobStatus.running:
+            put_back(session, job, message)
+            moved.append(job.id)
+    return moved
+
+
 # -- batching: the queued jobs a writer takes along (workers/batching.py has the rules) ----
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from service.ledger import jobs as ledger_jobs
 from service.ledger.tables import JobKind
 from workers.jobs import edit, evaluation, reads, rollback
-from workers.jobs.common import fail, finish
+from workers.jobs.common import fail, finish, is_ledger_outage, wait_for_ledger
 from workers.startup import sync_to_head
 from workers.state import WorkerState, needs_state
 
@@ -31,6 +31,32 @@ log = logging.getLogger(__name__)
 
 @needs_state
 def run_job(state: WorkerState, job_id: str) -> dict[str, Any] | None:
+    """Run an edit, rollback or evaluation job from the ledger (:func:`_run`).
+
+    A ledger outage during the job fails nothing: the worker waits until the ledger
+    answers again (:func:`~workers.jobs.common.wait_for_ledger`), then puts the
+    model's unfinished jobs back in the queue (their applied edits stay applied, the
+    in-memory model is re-synced by the next job), so that nothing stays
+    ``running``; the reconciler enqueues them again.
+    """
+    try:
+        return _run(state, job_id)
+    except Exception as exc:
+        if not is_ledger_outage(exc):
+            raise
+        log.warning("job %s: the ledger stopped answering (%s); waiting for it",
+                    job_id, type(exc).__name__)  # fmt: skip
+        waited = wait_for_ledger(state)
+        with state.ledger() as s:
+            moved = ledger_jobs.put_back_running(
+                s, state.model_id, "put back in the queue after a ledger outage"
+            )
+        # the reconciler enqueues them again (this job's own entry ends with this call)
+        log.warning("the ledger is back after %.0f s; put back %s", waited, moved or "no job")
+        return None
+
+
+def _run(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     """Run an edit, rollback or evaluation job from the ledger.
 
     The entry of an edit or rollback job runs the model's oldest queued edit or

@@ -4,8 +4,12 @@ SQL is :mod:`service.ledger.jobs`'s."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
 from service.ledger import jobs as ledger_jobs
 from workers.state import WorkerState
@@ -31,8 +35,46 @@ def reason_of(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def is_ledger_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) says the ledger database could not be
+    reached: a connection refused, cut or timed out, not a bad query."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OperationalError | InterfaceError):
+            return True
+        if isinstance(seen, DBAPIError) and seen.connection_invalidated:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def wait_for_ledger(state: WorkerState) -> float:
+    """Block until the ledger answers again, with backoff (1 s doubling to 30 s), at
+    most ``settings.ledger_outage_wait_s``; the seconds waited. ``TimeoutError`` if it
+    does not come back in time."""
+    started = time.monotonic()
+    pause = 1.0
+    while True:
+        try:
+            with state.ledger() as s:
+                s.execute(text("SELECT 1"))
+            return time.monotonic() - started
+        except SQLAlchemyError as exc:
+            waited = time.monotonic() - started
+            if waited >= state.settings.ledger_outage_wait_s:
+                raise TimeoutError(f"the ledger did not answer for {waited:.0f} s") from exc
+            log.warning("the ledger does not answer (%s); next try in %.0f s",
+                        type(exc).__name__, pause)  # fmt: skip
+            time.sleep(pause)
+            pause = min(30.0, pause * 2)
+
+
 def fail(state: WorkerState, job_id: str, exc: BaseException) -> None:
-    """The job failed with ``exc``; its queued edits fail with it."""
+    """The job failed with ``exc``; its queued edits fail with it. A ledger outage
+    fails nothing: it is raised on, and :func:`workers.jobs.run_job` waits it out and
+    puts the job back."""
+    if is_ledger_outage(exc):
+        raise exc
     reason = reason_of(exc)
     log.error("job %s failed: %s", job_id, reason)
     with state.ledger() as s:

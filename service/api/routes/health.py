@@ -18,7 +18,8 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz", responses={503: {"description": "a backend is down"}})
 def healthz(session: SessionDep, redis: RedisDep) -> JSONResponse:
-    """``{"status": "ok"}`` when the ledger database and Redis both answer, else 503."""
+    """``{"status": "ok"}`` when the ledger database and Redis both answer, else 503
+    with ``checks`` naming the one that is down and ``Retry-After``."""
     checks: dict[str, str] = {}
     try:
         session.execute(text("SELECT 1"))
@@ -33,4 +34,6 @@ def healthz(session: SessionDep, redis: RedisDep) -> JSONResponse:
     if all(v == "ok" for v in checks.values()):
         return JSONResponse({"status": "ok"})
     log.warning("health check failed: %s", checks)
-    return JSONResponse({"status": "unavailable", "checks": checks}, status_code=503)
+    return JSONResponse(
+        {"status": "unavailable", "checks": checks}, status_code=503, headers={"Retry-After": "5"}
+    )

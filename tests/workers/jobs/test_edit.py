@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 
 from service.ledger.sessions import session_scope
 from service.ledger.tables import Artifact, Version
@@ -336,6 +336,53 @@ def test_the_weights_do_not_depend_on_a_restart(
     assert [v["number"] for v in through] == [v["number"] for v in restarted] == [0, 1, 2, 3]
     assert through[-1]["tensor_sha256"] == restarted[-1]["tensor_sha256"]
     assert through[1]["tensor_sha256"] == restarted[1]["tensor_sha256"]
+
+
+def test_a_ledger_outage_mid_commit_fails_nothing_and_leaves_nothing_running(
+    client: TestClient,
+    e2e_settings: Settings,
+    redis_conn: Redis,
+    db_engine: Engine,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL cuts every connection while the worker commits a version (what a
+    restart does to its clients): the job is put back, not failed; the reconciler
+    queues it again; it then lands as the next version, exactly once."""
+    from service.ledger import versions as ledger_versions  # noqa: PLC0415
+    from workers.reconciler import Reconciler  # noqa: PLC0415
+
+    state = start_worker(e2e_settings)
+    real = ledger_versions.add_version
+    cut = []
+
+    def add_version_after_a_cut(session: Any, model_id: int, new: Any) -> Any:
+        if not cut:
+            cut.append(True)
+            with db_engine.connect() as admin:
+                admin.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                         "datname = current_database() AND pid <> pg_backend_pid()")
+                )  # fmt: skip
+        return real(session, model_id, new)
+
+    monkeypatch.setattr(ledger_versions, "add_version", add_version_after_a_cut)
+    r = client.post(f"/v1/models/{MODEL}/edits", json=edit_body(2))
+    assert r.status_code == 202, r.text
+    drain(e2e_settings, redis_conn)
+    assert cut, "the fault was not injected"
+    got = job(client, r.json()["job_id"])
+    assert got["status"] == "queued", got  # put back, not failed, not running
+    assert got["message"] == "put back in the queue after a ledger outage"
+    rec = Reconciler(e2e_settings, MODEL, state.model_id, state.engine, redis_conn, grace_s=0)
+    assert rec.run_once() == [r.json()["job_id"]]
+    drain(e2e_settings, redis_conn)
+    got = job(client, r.json()["job_id"])
+    assert got["status"] == "succeeded", got
+    assert got["result"]["versions"] == [1, 2]
+    numbers = [v["number"] for v in harness.all_versions(client, MODEL)]
+    assert numbers == [0, 1, 2]
+    head = harness.all_versions(client, MODEL)[-1]
+    assert state.runtime.tensor_hashes(head["tensor_sha256"]) == head["tensor_sha256"]
 
 
 GRACE_FACTS = [("The native language of {}", "Picasso", "Russian", "Spanish"),

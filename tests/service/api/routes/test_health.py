@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 from redis import Redis
-from sqlalchemy import Engine
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import sessionmaker
 
 from service.api import create_app
 from service.settings import Settings
+from tests.service.conftest import MODEL
 
 
 def test_healthz(client: TestClient) -> None:
@@ -24,3 +26,19 @@ def test_healthz_reports_a_dead_redis(
         resp = c.get("/healthz")
     assert resp.status_code == 503
     assert resp.json()["checks"] == {"database": "ok", "redis": "error: ConnectionError"}
+
+
+def test_a_ledger_outage_is_503_with_retry_after_and_healthz_names_it(
+    client: TestClient,
+) -> None:
+    """The database goes away under a running API (its sessions now reach nothing)."""
+    dead = create_engine("postgresql+psycopg://postgres@127.0.0.1:1/none",
+                         connect_args={"connect_timeout": 2})  # fmt: skip
+    client.app.state.sessions = sessionmaker(bind=dead)  # type: ignore[attr-defined]
+    resp = client.get(f"/v1/models/{MODEL}/edits")
+    assert resp.status_code == 503, resp.text
+    assert resp.headers["Retry-After"] == "5"
+    assert resp.json()["detail"] == "the ledger database did not answer"
+    health = client.get("/healthz")
+    assert health.status_code == 503 and health.headers["Retry-After"] == "5"
+    assert health.json()["checks"] == {"database": "error: OperationalError", "redis": "ok"}
