@@ -4,22 +4,20 @@ forever)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
 
+from bench._chaos import spawn_worker, stop, worker_env
 from service.presence import Phase, Presence
 from service.redis_clients import command_client
 from service.settings import Settings
 from workers.state import WorkerState
 from workers.worker import StateWorker, build_state
+
+__all__ = ["all_versions", "drain", "job", "spawn_worker", "start_worker", "stop", "worker_env"]
 
 # the state start_worker built last, per model: what drain runs the jobs with
 _LAST: dict[str, WorkerState] = {}
@@ -67,44 +65,3 @@ def all_versions(client: TestClient, model: str) -> list[dict[str, Any]]:
 
 def job(client: TestClient, job_id: str) -> dict[str, Any]:
     return client.get(f"/v1/jobs/{job_id}").json()
-
-
-def worker_env(settings: Settings, model: str, **extra: str) -> dict[str, str]:
-    """The environment of a ``memedit worker`` process serving ``model`` with
-    ``settings`` (this process's environment without memedit's own variables)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMEDIT_")}
-    env.update(
-        MEMEDIT_DATABASE_URL=settings.database_url,
-        MEMEDIT_REDIS_URL=settings.redis_url,
-        MEMEDIT_MODELS=json.dumps({model: settings.models[model].model_dump()}),
-        MEMEDIT_ARTIFACT_DIR=str(settings.artifact_dir),
-        MEMEDIT_CACHE_DIR=str(settings.effective_cache_dir),
-        MEMEDIT_WARM_STATISTICS="false",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-    )
-    env.update(extra)
-    return env
-
-
-def spawn_worker(
-    settings: Settings, model: str, log: Path, **extra: str
-) -> subprocess.Popen[bytes]:
-    """Start ``memedit worker --model MODEL`` as a child process logging to ``log``."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--model", model],
-            stdout=out, stderr=subprocess.STDOUT, env=worker_env(settings, model, **extra),
-        )  # fmt: skip
-
-
-def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
-    """SIGTERM, then SIGKILL if it does not exit in ``timeout_s``."""
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
