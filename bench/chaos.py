@@ -169,6 +169,7 @@ def main() -> None:
         "flushes": got.flushes,
         "events": got.events,
         "statuses": got.statuses,
+        "rollback_to": got.rollback_to,
         "seconds": round(got.seconds, 1),
         "after_last_flush_s": None if got.after_last_flush_s is None
         else round(got.after_last_flush_s, 1),

@@ -22,7 +22,8 @@ from tests.tiny_models import save_tiny
 pytestmark = pytest.mark.e2e
 
 
-def test_up_serves_edits_and_stops_cleanly(tmp_path: Path) -> None:
+def _tiny_up(tmp_path: Path) -> tuple[list[str], dict[str, str], Path]:
+    """``memedit up`` of a tiny LLaMA in ``tmp_path``: argv, environment, data dir."""
     folder = save_tiny(tmp_path / "tiny")
     data = tmp_path / "data"
     env = user_env(
@@ -30,6 +31,11 @@ def test_up_serves_edits_and_stops_cleanly(tmp_path: Path) -> None:
     )
     argv = [sys.executable, "-m", "service.cli", "up", "--model", "tiny",
             "--port", str(free_port()), "--data-dir", str(data)]  # fmt: skip
+    return argv, env, data
+
+
+def test_up_serves_edits_and_stops_cleanly(tmp_path: Path) -> None:
+    argv, env, data = _tiny_up(tmp_path)
     with memedit_up(argv, env=env, log=tmp_path / "up.log", data_dir=data, stop_timeout_s=60) as up:
         up.wait_for(lambda: "memedit is up at" in up.text(), 120, "the API")
         up.wait_for(lambda: "worker for tiny is ready" in up.text(), 300, "the worker")
@@ -79,13 +85,7 @@ def _memedit(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
 def test_keys_on_the_embedded_ledger_while_up_runs(tmp_path: Path) -> None:
     """``memedit keys`` finds the ledger that ``up`` keeps in ``--data-dir`` (no
     DATABASE_URL), and leaves ``up``'s PostgreSQL running when it is done."""
-    folder = save_tiny(tmp_path / "tiny")
-    data = tmp_path / "data"
-    env = user_env(
-        MEMEDIT_MODELS=json.dumps({"tiny": {"source": str(folder)}}), OMP_NUM_THREADS="1"
-    )
-    argv = [sys.executable, "-m", "service.cli", "up", "--model", "tiny",
-            "--port", str(free_port()), "--data-dir", str(data)]  # fmt: skip
+    argv, env, data = _tiny_up(tmp_path)
     with memedit_up(argv, env=env, log=tmp_path / "up.log", data_dir=data, stop_timeout_s=60) as up:
         up.wait_for(lambda: "memedit is up at" in up.text(), 120, "the API")
         with httpx.Client(base_url=up.url, timeout=30) as c:

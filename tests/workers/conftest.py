@@ -3,13 +3,14 @@ tokenizer, a statistics cache folder per module, the tiny LLaMA saved as a model
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
+from service.settings import GuardPolicy, ModelSpec, Settings
 from tests.tiny_models import save_tiny, word_tokenizer
 
 
@@ -37,3 +38,11 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny LLaMA (seed 0) saved once as a local model folder: what the end-to-end
     tests' workers load. Read only (a test that needs other weights saves its own)."""
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture
+def single_edit_settings(model_settings: Callable[..., Settings], tiny_dir: Path) -> Settings:
+    """The tiny LLaMA as model ``tiny``, one edit per version (``max_batch`` 1), no
+    guard, reads waiting up to a minute (the reconciler, roles and chaos tests)."""
+    spec = ModelSpec(source=str(tiny_dir), max_batch=1, guard=GuardPolicy(enabled=False))
+    return model_settings("tiny", spec, sync_timeout_s=60.0)

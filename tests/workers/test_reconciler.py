@@ -21,7 +21,7 @@ from sqlalchemy import Engine, select, update
 from service.ledger import models as ledger_models
 from service.ledger.sessions import session_scope
 from service.ledger.tables import Job, JobStatus
-from service.settings import GuardPolicy, ModelSpec, Settings
+from service.settings import Settings
 from tests import worker_harness as harness
 from tests.service.conftest import edit_body
 from tests.tiny_models import TINY_OVERRIDES
@@ -31,14 +31,10 @@ MODEL = "tiny"
 
 
 @pytest.fixture
-def tiny_settings(model_settings: Callable[..., Settings], tiny_dir: Path) -> Settings:
-    spec = ModelSpec(source=str(tiny_dir), max_batch=1, guard=GuardPolicy(enabled=False))
-    return model_settings(MODEL, spec)
-
-
-@pytest.fixture
-def client(tiny_settings: Settings, app_client: Callable[[Settings], TestClient]) -> TestClient:
-    return app_client(tiny_settings)
+def client(
+    single_edit_settings: Settings, app_client: Callable[[Settings], TestClient]
+) -> TestClient:
+    return app_client(single_edit_settings)
 
 
 def _reconciler(settings: Settings, engine: Engine, redis: Redis, **kw: object) -> Reconciler:
@@ -62,43 +58,43 @@ def _edit_queue(settings: Settings, redis: Redis) -> Queue:
 
 
 def test_after_a_flush_every_queued_job_is_enqueued_again_in_ledger_order(
-    client: TestClient, tiny_settings: Settings, clean_db: Engine, redis_conn: Redis
+    client: TestClient, single_edit_settings: Settings, clean_db: Engine, redis_conn: Redis
 ) -> None:
     jobs = _post(client, 3)
     redis_conn.flushdb()
-    rec = _reconciler(tiny_settings, clean_db, redis_conn)
+    rec = _reconciler(single_edit_settings, clean_db, redis_conn)
     assert rec.run_once() == jobs
-    assert _edit_queue(tiny_settings, redis_conn).get_job_ids() == jobs
+    assert _edit_queue(single_edit_settings, redis_conn).get_job_ids() == jobs
     assert rec.run_once() == []  # all waiting now: nothing to do
 
 
 def test_only_the_lost_jobs_go_back(
-    client: TestClient, tiny_settings: Settings, clean_db: Engine, redis_conn: Redis
+    client: TestClient, single_edit_settings: Settings, clean_db: Engine, redis_conn: Redis
 ) -> None:
     jobs = _post(client, 4)
-    q = _edit_queue(tiny_settings, redis_conn)
+    q = _edit_queue(single_edit_settings, redis_conn)
     for lost in jobs[:2]:
         q.remove(lost)
         RqJob.fetch(lost, connection=redis_conn).delete()
-    assert _reconciler(tiny_settings, clean_db, redis_conn).run_once() == jobs[:2]
+    assert _reconciler(single_edit_settings, clean_db, redis_conn).run_once() == jobs[:2]
     assert q.get_job_ids() == [*jobs[2:], *jobs[:2]]
 
 
 def test_stale_entries_are_replaced_and_running_ones_left_alone(
-    client: TestClient, tiny_settings: Settings, clean_db: Engine, redis_conn: Redis
+    client: TestClient, single_edit_settings: Settings, clean_db: Engine, redis_conn: Redis
 ) -> None:
     stale, started = _post(client, 2)
-    q = _edit_queue(tiny_settings, redis_conn)
+    q = _edit_queue(single_edit_settings, redis_conn)
     for job_id, status in ((stale, RqStatus.FINISHED), (started, RqStatus.STARTED)):
         q.remove(job_id)
         RqJob.fetch(job_id, connection=redis_conn).set_status(status)
-    assert _reconciler(tiny_settings, clean_db, redis_conn).run_once() == [stale]
+    assert _reconciler(single_edit_settings, clean_db, redis_conn).run_once() == [stale]
     assert q.get_job_ids() == [stale]
     assert RqJob.fetch(stale, connection=redis_conn).get_status() is RqStatus.QUEUED
 
 
 def test_young_running_and_finished_jobs_are_not_touched(
-    client: TestClient, tiny_settings: Settings, clean_db: Engine, redis_conn: Redis
+    client: TestClient, single_edit_settings: Settings, clean_db: Engine, redis_conn: Redis
 ) -> None:
     queued, running, done = _post(client, 3)
     with session_scope(clean_db) as s:
@@ -106,34 +102,38 @@ def test_young_running_and_finished_jobs_are_not_touched(
         s.execute(update(Job).where(Job.id == done).values(status=JobStatus.succeeded))
     redis_conn.flushdb()
     # inside the grace period the API is still enqueueing it
-    assert _reconciler(tiny_settings, clean_db, redis_conn, grace_s=60.0).run_once() == []
-    assert _reconciler(tiny_settings, clean_db, redis_conn).run_once() == [queued]
+    assert _reconciler(single_edit_settings, clean_db, redis_conn, grace_s=60.0).run_once() == []
+    assert _reconciler(single_edit_settings, clean_db, redis_conn).run_once() == [queued]
 
 
 def test_evaluation_jobs_go_back_to_the_evaluation_queue(
-    client: TestClient, tiny_settings: Settings, clean_db: Engine, redis_conn: Redis
+    client: TestClient, single_edit_settings: Settings, clean_db: Engine, redis_conn: Redis
 ) -> None:
     r = client.post(f"/v1/models/{MODEL}/evaluations", json={"suite": "retention"})
     assert r.status_code == 202, r.text
     redis_conn.flushdb()
-    assert _reconciler(tiny_settings, clean_db, redis_conn).run_once() == [r.json()["job_id"]]
-    evals = Queue(tiny_settings.eval_queue(MODEL), connection=redis_conn)
+    assert _reconciler(single_edit_settings, clean_db, redis_conn).run_once() == [
+        r.json()["job_id"]
+    ]
+    evals = Queue(single_edit_settings.eval_queue(MODEL), connection=redis_conn)
     assert evals.get_job_ids() == [r.json()["job_id"]]
-    assert _edit_queue(tiny_settings, redis_conn).get_job_ids() == []
+    assert _edit_queue(single_edit_settings, redis_conn).get_job_ids() == []
 
 
 def test_a_job_accepted_while_redis_was_down_is_queued_by_the_thread(
-    tiny_settings: Settings,
+    single_edit_settings: Settings,
     app_client: Callable[[Settings], TestClient],
     clean_db: Engine,
     redis_conn: Redis,
 ) -> None:
-    down = app_client(tiny_settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
+    down = app_client(
+        single_edit_settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    )
     r = down.post(f"/v1/models/{MODEL}/edits", json=edit_body(method="memit"))
     assert r.status_code == 202, r.text
-    q = _edit_queue(tiny_settings, redis_conn)
+    q = _edit_queue(single_edit_settings, redis_conn)
     assert q.get_job_ids() == []
-    settings = tiny_settings.model_copy(update={"reconcile_interval_s": 0.1})
+    settings = single_edit_settings.model_copy(update={"reconcile_interval_s": 0.1})
     rec = _reconciler(settings, clean_db, redis_conn)
     rec.start()
     try:
@@ -146,10 +146,10 @@ def test_a_job_accepted_while_redis_was_down_is_queued_by_the_thread(
 
 
 def test_the_thread_outlives_a_redis_that_does_not_answer(
-    client: TestClient, tiny_settings: Settings, clean_db: Engine
+    client: TestClient, single_edit_settings: Settings, clean_db: Engine
 ) -> None:
     broken = Redis.from_url("redis://127.0.0.1:1/0")
-    settings = tiny_settings.model_copy(update={"reconcile_interval_s": 0.05})
+    settings = single_edit_settings.model_copy(update={"reconcile_interval_s": 0.05})
     rec = _reconciler(settings, clean_db, broken)
     _post(client, 1)
     with pytest.raises(RedisError):
@@ -163,7 +163,7 @@ def test_the_thread_outlives_a_redis_that_does_not_answer(
 @pytest.mark.e2e
 def test_a_flush_under_a_live_worker_loses_no_job(
     client: TestClient,
-    tiny_settings: Settings,
+    single_edit_settings: Settings,
     clean_db: Engine,
     redis_conn: Redis,
     tmp_path: Path,
@@ -181,7 +181,7 @@ def test_a_flush_under_a_live_worker_loses_no_job(
         assert r.status_code == 202, r.text
         jobs.append(r.json()["job_id"])
     log = tmp_path / "worker.log"
-    proc = harness.spawn_worker(tiny_settings, MODEL, log, MEMEDIT_RECONCILE_INTERVAL_S="1")
+    proc = harness.spawn_worker(single_edit_settings, MODEL, log, MEMEDIT_RECONCILE_INTERVAL_S="1")
 
     def statuses() -> list[JobStatus]:
         with session_scope(clean_db) as s:

@@ -20,7 +20,7 @@ from service.ledger import models as ledger_models
 from service.ledger.lease import WriterLease
 from service.ledger.sessions import session_scope
 from service.ledger.tables import Job, JobStatus, Version
-from service.settings import GuardPolicy, ModelSpec, Settings
+from service.settings import Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES
 
@@ -30,14 +30,10 @@ FAST = {**TINY_OVERRIDES["memit"], "mom2_n_samples": 32, "mom2_sample_tokens": 1
 
 
 @pytest.fixture
-def tiny_settings(model_settings: Callable[..., Settings], tiny_dir: Path) -> Settings:
-    spec = ModelSpec(source=str(tiny_dir), max_batch=1, guard=GuardPolicy(enabled=False))
-    return model_settings(MODEL, spec, sync_timeout_s=60.0)
-
-
-@pytest.fixture
-def client(tiny_settings: Settings, app_client: Callable[[Settings], TestClient]) -> TestClient:
-    return app_client(tiny_settings)
+def client(
+    single_edit_settings: Settings, app_client: Callable[[Settings], TestClient]
+) -> TestClient:
+    return app_client(single_edit_settings)
 
 
 def _model_id(engine: Engine) -> int:
@@ -94,17 +90,17 @@ def _wait(predicate: Callable[[], Any], timeout_s: float, what: str, *logs: Path
 @pytest.mark.e2e
 def test_two_workers_one_writes_the_replica_takes_over(
     client: TestClient,
-    tiny_settings: Settings,
+    single_edit_settings: Settings,
     clean_db: Engine,
     redis_conn: Redis,
     tmp_path: Path,
 ) -> None:
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    a = harness.spawn_worker(tiny_settings, MODEL, logs[0])
+    a = harness.spawn_worker(single_edit_settings, MODEL, logs[0])
     b = None
     try:
         _wait(lambda: "(writer)" in logs[0].read_text(), 120, "the first worker to write", *logs)
-        b = harness.spawn_worker(tiny_settings, MODEL, logs[1])
+        b = harness.spawn_worker(single_edit_settings, MODEL, logs[1])
         _wait(lambda: "(replica)" in logs[1].read_text(), 120, "the second to be a replica", *logs)
         # the replica answers reads while the writer works
         gen = client.post(f"/v1/models/{MODEL}/generate", json={"prompt": "Mozart was born in"})

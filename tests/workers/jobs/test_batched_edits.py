@@ -8,11 +8,7 @@ the end runs clients and worker at the same time).
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -357,23 +353,8 @@ def test_worker_killed_mid_batch_loses_nothing(
         post(client, request("Curie", 2), hparams=slow),
         post(client, request("Mozart", 3), hparams=slow),
     ]  # batches: [Mozart, Curie], [Mozart], [Mozart]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMEDIT_")}
-    env.update(
-        MEMEDIT_DATABASE_URL=settings.database_url,
-        MEMEDIT_REDIS_URL=settings.redis_url,
-        MEMEDIT_MODELS=json.dumps({MODEL: settings.models[MODEL].model_dump()}),
-        MEMEDIT_ARTIFACT_DIR=str(settings.artifact_dir),
-        MEMEDIT_CACHE_DIR=str(settings.effective_cache_dir),
-        MEMEDIT_WARM_STATISTICS="false",
-        OMP_NUM_THREADS="1",
-        HF_HUB_OFFLINE="1",
-    )
     log = tmp_path / "worker.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "worker", "--model", MODEL],
-            stdout=out, stderr=subprocess.STDOUT, env=env,
-        )  # fmt: skip
+    proc = harness.spawn_worker(settings, MODEL, log)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
