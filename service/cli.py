@@ -76,7 +76,7 @@ def _check_exposure(host: str, database_url: str, insecure_no_auth: bool) -> Non
     )
 
 
-# ``memedit up`` polls ``GET /v1/models`` with this query while the worker starts;
+# ``memedit up`` polls ``GET /healthz/workers`` with this query while the worker starts;
 # the API's access log leaves those polls out (a line a second otherwise)
 UP_POLL_QUERY = "poll=memedit-up"
 
@@ -275,22 +275,20 @@ def _wait_healthy(url: str, model: str, children: _Children, timeout_s: float = 
 
 
 def _worker_state(url: str, model: str) -> str | None:
-    """The model's worker state from ``GET /v1/models``, or ``None`` if the API does
-    not answer."""
+    """The model's worker state from ``GET /healthz/workers``, or ``None`` if the API
+    does not answer."""
     return (_model_worker(url, model) or {}).get("state")
 
 
 def _model_worker(url: str, model: str) -> dict | None:
+    """The model's worker from the open ``GET /healthz/workers`` (no API key needed)."""
     try:
-        response = httpx.get(f"{url}/v1/models?{UP_POLL_QUERY}", timeout=5.0)
+        response = httpx.get(f"{url}/healthz/workers?{UP_POLL_QUERY}", timeout=5.0)
         if response.status_code != 200:
             return None
-        for m in response.json():
-            if m.get("name") == model:
-                return m.get("worker") or {}
-    except (httpx.HTTPError, ValueError):
+        return response.json().get(model) or {}
+    except (httpx.HTTPError, ValueError, AttributeError):
         return None
-    return None
 
 
 def _wait_worker_ready(

@@ -130,8 +130,10 @@ class _RecordSource(_Params):
     data_path: DataPath | None = Field(
         None, description="JSONL file, relative to the worker's data root"
     )
-    offset: int = Field(0, ge=0, description="records to skip at the start of the file")
-    limit: int | None = Field(None, ge=1, description="most records evaluated")
+    offset: int = Field(
+        0, ge=0, strict=True, description="records to skip at the start of the file"
+    )
+    limit: int | None = Field(None, ge=1, strict=True, description="most records evaluated")
 
     @model_validator(mode="after")
     def _one_source(self) -> _RecordSource:
@@ -178,7 +180,10 @@ class RetentionParams(_Params):
     """The worker adds ``edits`` (every edit on the version's chain, in order)."""
 
     limit: int | None = Field(
-        None, ge=1, description="score an evenly spaced sample of at most this many edits"
+        None,
+        ge=1,
+        strict=True,
+        description="score an evenly spaced sample of at most this many edits",
     )
 
 
@@ -191,15 +196,17 @@ class DownstreamParams(_Params):
     tasks: list[TaskName] = Field(
         default_factory=lambda: list(DOWNSTREAM_TASKS), min_length=1, max_length=32
     )
-    shots: int | None = Field(None, ge=0, le=10, description="few-shot examples per query")
-    limit: int | None = Field(None, ge=1, description="most test examples per task")
+    shots: int | None = Field(
+        None, ge=0, le=10, strict=True, description="few-shot examples per query"
+    )
+    limit: int | None = Field(None, ge=1, strict=True, description="most test examples per task")
     data_dir: DataPath | None = Field(
         None, description="folder of <task>.jsonl, relative to the worker's data root"
     )
 
 
 class FluencyParams(_Params):
-    max_new_tokens: int | None = Field(None, ge=1, le=512)
+    max_new_tokens: int | None = Field(None, ge=1, le=512, strict=True)
     prompts: list[CompletePrompt] | None = Field(None, min_length=1, max_length=MAX_PROMPTS)
 
 
@@ -264,7 +271,7 @@ class EvaluationPolicy(_Params):
     name: PolicyName | None = Field(None, description="unique per model; default: the suite's name")
     suite: SuiteName
     params: dict[str, Any] = Field(default_factory=dict, validate_default=True)
-    every_versions: int = Field(ge=1, le=100_000)
+    every_versions: int = Field(ge=1, le=100_000, strict=True)
     thresholds: dict[Annotated[str, StringConstraints(min_length=1, max_length=64)], Threshold] = (
         Field(default_factory=dict)
     )

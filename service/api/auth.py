@@ -1,6 +1,6 @@
 """Who may call a route: API keys with scopes (:mod:`service.ledger.keys`).
 
-Every route but ``/healthz`` declares the scope it needs (:func:`requires`):
+Every route but ``/healthz`` and ``/healthz/workers`` declares the scope it needs (:func:`requires`):
 ``reads`` for the GETs, score and generate; ``edits:write`` for edits and rollbacks;
 ``evaluations`` for evaluations; ``admin`` for evaluation policies (an ``admin`` key
 may call everything). Clients send ``Authorization: Bearer <secret>``.

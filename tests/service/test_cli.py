@@ -86,9 +86,17 @@ def test_keys_on_the_embedded_ledger_while_up_runs(tmp_path: Path) -> None:
     """``memedit keys`` finds the ledger that ``up`` keeps in ``--data-dir`` (no
     DATABASE_URL), and leaves ``up``'s PostgreSQL running when it is done."""
     argv, env, data = _tiny_up(tmp_path)
+    # a key made before `up` runs (the command starts the embedded ledger itself)
+    first = _memedit("keys", "create", "--name", "first", "--scope", "admin",
+                     "--data-dir", str(data), env=env)  # fmt: skip
+    assert first.returncode == 0, first.stderr
     with memedit_up(argv, env=env, log=tmp_path / "up.log", data_dir=data, stop_timeout_s=60) as up:
-        up.wait_for(lambda: "memedit is up at" in up.text(), 120, "the API")
+        # up follows the worker's start-up without a key (GET /healthz/workers is open)
+        up.wait_for(lambda: "worker for tiny is ready" in up.text(), 300, "the worker")
         with httpx.Client(base_url=up.url, timeout=30) as c:
+            assert c.get("/v1/models").status_code == 401
+            revoked = _memedit("keys", "revoke", "first", "--data-dir", str(data), env=env)
+            assert revoked.returncode == 0, revoked.stderr
             assert c.get("/v1/models").status_code == 200  # no key yet: loopback is served
             made = _memedit("keys", "create", "--name", "ops", "--scope", "reads",
                             "--data-dir", str(data), env=env)  # fmt: skip
@@ -101,10 +109,12 @@ def test_keys_on_the_embedded_ledger_while_up_runs(tmp_path: Path) -> None:
             denied = c.post("/v1/models/tiny/rollback", json={"to_version": 0}, headers=auth)
             assert denied.status_code == 403
             listed = _memedit("keys", "list", "--data-dir", str(data), env=env)
-            assert "ops" in listed.stdout and secret not in listed.stdout
+            assert "ops" in listed.stdout and "first" in listed.stdout
+            assert secret not in listed.stdout
             gone = _memedit("keys", "revoke", "ops", "--data-dir", str(data), env=env)
             assert gone.returncode == 0, gone.stderr
             assert c.get("/v1/models", headers=auth).status_code == 200  # no key left
+            assert c.get("/v1/models").status_code == 200
             assert c.get("/healthz").json() == {"status": "ok"}
 
 

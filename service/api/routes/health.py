@@ -1,4 +1,7 @@
-"""``GET /healthz``: do the ledger database and Redis answer?"""
+"""Open to every client, with or without an API key: ``GET /healthz`` (do the ledger
+database and Redis answer?) and ``GET /healthz/workers`` (what each configured
+model's worker is doing: what ``memedit up`` polls while the worker starts, and what a
+load balancer or an orchestrator's readiness probe needs)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import RedisDep, SessionDep
+from service.api.deps import RedisDep, SessionDep, SettingsDep, worker_of
+from service.schemas import WorkerPublic
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
@@ -37,3 +41,11 @@ def healthz(session: SessionDep, redis: RedisDep) -> JSONResponse:
     return JSONResponse(
         {"status": "unavailable", "checks": checks}, status_code=503, headers={"Retry-After": "5"}
     )
+
+
+@router.get("/healthz/workers")
+def healthz_workers(redis: RedisDep, settings: SettingsDep) -> dict[str, WorkerPublic]:
+    """Each configured model's worker state (``state``: ``loading``, ``statistics`` with
+    ``progress``, ``ready``, ``no worker``, or ``unknown`` when Redis does not answer;
+    ``message`` says whether it is the writer or a replica). Needs no key."""
+    return {name: worker_of(redis, settings, name) for name in sorted(settings.models)}

@@ -38,7 +38,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None, int]] = {
     ("POST", "/v1/models/{model}/score"): ("reads", {"prompts": ["a"], "targets": ["b"]}, 503),
     ("POST", "/v1/models/{model}/generate"): ("reads", {"prompt": "a"}, 503),
 }
-OPEN = {("GET", "/healthz")}
+OPEN = {("GET", "/healthz"), ("GET", "/healthz/workers")}
 
 
 @pytest.fixture
@@ -94,6 +94,7 @@ def test_every_route_needs_a_key_with_its_scope(
 
 def test_health_stays_open(client: TestClient, keys: dict[str, str]) -> None:
     assert client.get("/healthz").status_code == 200
+    assert client.get("/healthz/workers").status_code == 200
 
 
 def test_the_ledger_records_which_key_asked(client: TestClient, keys: dict[str, str]) -> None:

@@ -78,6 +78,8 @@ def test_the_cap_is_documented(client: TestClient) -> None:
         ("evaluations", {"suite": "retention", "version": False}, "version"),
         ("evaluations", {"suite": "retention", "version": MAX_INT + 1}, "version"),
         ("generate", {"prompt": "Hi", "max_new_tokens": True}, "max_new_tokens"),
+        ("evaluations", {"suite": "retention", "params": {"limit": True}}, "params.limit"),
+        ("evaluations", {"suite": "downstream", "params": {"shots": "3"}}, "params.shots"),
     ],
 )
 def test_integers_out_of_range_and_booleans_are_422(

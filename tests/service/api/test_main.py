@@ -9,6 +9,7 @@ def test_openapi_lists_the_contract(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert set(paths) == {
         "/healthz",
+        "/healthz/workers",
         "/v1/models",
         "/v1/models/{model}/edits",
         "/v1/jobs/{job_id}",

@@ -8,8 +8,9 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import sessionmaker
 
 from service.api import create_app
+from service.presence import Phase
 from service.settings import Settings
-from tests.service.conftest import MODEL
+from tests.service.conftest import MODEL, NO_WORKER, OTHER, announce
 
 
 def test_healthz(client: TestClient) -> None:
@@ -42,3 +43,13 @@ def test_a_ledger_outage_is_503_with_retry_after_and_healthz_names_it(
     health = client.get("/healthz")
     assert health.status_code == 503 and health.headers["Retry-After"] == "5"
     assert health.json()["checks"] == {"database": "error: OperationalError", "redis": "ok"}
+
+
+def test_healthz_workers_names_each_models_worker(
+    client: TestClient, api_settings: Settings
+) -> None:
+    announce(api_settings, MODEL, Phase.statistics, progress=0.4, message="statistics: 2/5")
+    got = client.get("/healthz/workers").json()
+    assert set(got) == set(api_settings.models)
+    assert got[MODEL]["state"] == "statistics" and got[MODEL]["progress"] == 0.4
+    assert got[OTHER] == NO_WORKER
