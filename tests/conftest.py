@@ -135,7 +135,7 @@ def redis_url(_servers: tuple[str, str]) -> str:
 
 @pytest.fixture(scope="session")
 def db_engine(database_url: str) -> Iterator[Engine]:
-    engine = create_engine(database_url)
+    engine = create_engine(database_url, pool_pre_ping=True)  # survives cut connections
     yield engine
     engine.dispose()
 

@@ -383,6 +383,7 @@ def test_a_ledger_outage_mid_commit_fails_nothing_and_leaves_nothing_running(
     assert numbers == [0, 1, 2]
     head = harness.all_versions(client, MODEL)[-1]
     assert state.runtime.tensor_hashes(head["tensor_sha256"]) == head["tensor_sha256"]
+    db_engine.dispose()  # the pooled connections the cut killed
 
 
 GRACE_FACTS = [("The native language of {}", "Picasso", "Russian", "Spanish"),
