@@ -12,6 +12,7 @@ reading and writing of the ledger goes through :mod:`service.ledger`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from service.ledger import jobs as ledger_jobs
 from service.ledger import models as ledger_models
 from service.ledger import versions as ledger_versions
 from service.ledger.sessions import get_engine, session_scope
-from service.ledger.tables import JobKind, JobStatus
+from service.ledger.tables import ArtifactKind, JobKind, JobStatus
 from service.settings import ModelSpec, Settings
 from workers.editing.common.base import EditError
 from workers.editing.common.stats import Steps, stats_provider
@@ -161,16 +162,31 @@ def stats_provider_for(
 
 
 def templates_provider_for(state: WorkerState) -> Callable[[Any, int], list[str]]:
-    """The context templates of the base weights (sampled once, kept on disk), so
-    that an edit depends only on the base and the requests before it."""
+    """The context templates of the base weights, so that an edit depends only on the
+    base and the requests before it: from this machine's cache, else from the ledger
+    (an artifact of kind ``templates`` that another worker of the base stored), else
+    sampled from the base weights and stored in the ledger for every other worker."""
     rt = state.runtime
 
     def provide(spec: Any, seed: int) -> list[str]:
         found = state.templates.get(spec, seed)
         if found is not None:
             return found
+        with state.ledger() as s:
+            row = ledger_versions.templates_artifact(s, state.base_fingerprint, spec, seed)
+            if row is not None:
+                stored = json.loads(state.store.get(row.path, row.sha256))["templates"]
+                state.templates.put(spec, seed, stored)
+                return list(stored)
         with rt.at_base():
-            return state.templates.get_or_generate(rt.model, rt.tokenizer, spec, seed)
+            templates = state.templates.get_or_generate(rt.model, rt.tokenizer, spec, seed)
+        meta = {"fingerprint": state.base_fingerprint, "spec": [list(p) for p in spec],
+                "seed": seed}  # fmt: skip
+        data = json.dumps({**meta, "templates": templates}, sort_keys=True).encode()
+        with state.ledger() as s:
+            put = state.store.put(ArtifactKind.templates.value, data)
+            ledger_versions.add_artifact(s, ArtifactKind.templates, put, meta)
+        return templates
 
     return provide
 

@@ -99,6 +99,8 @@ class ArtifactKind(str, enum.Enum):
     delta = "delta"
     snapshot = "snapshot"
     stats = "stats"
+    # the context templates a worker sampled from the base weights (JSON)
+    templates = "templates"
 
 
 class Model(Base):

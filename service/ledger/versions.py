@@ -10,11 +10,12 @@ versions with their artifacts.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from service.errors import Conflict
@@ -112,6 +113,25 @@ def add_artifact(
         session.add(row)
         session.flush()
     return row
+
+
+def templates_artifact(
+    session: Session, fingerprint: str, spec: Sequence[Sequence[int]], seed: int
+) -> Artifact | None:
+    """The first stored context templates of the base ``fingerprint`` for ``spec``
+    and ``seed`` (artifacts of kind ``templates``), or None."""
+    meta = type_coerce(Artifact.meta, JSONB)
+    return session.scalar(
+        select(Artifact)
+        .where(
+            Artifact.kind == ArtifactKind.templates,
+            meta["fingerprint"].astext == fingerprint,
+            meta["spec"] == type_coerce([list(pair) for pair in spec], JSONB),
+            meta["seed"].astext == str(seed),
+        )
+        .order_by(Artifact.id)
+        .limit(1)
+    )
 
 
 @dataclass(frozen=True)

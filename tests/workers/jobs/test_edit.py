@@ -128,7 +128,9 @@ def test_sequential_rome_restart_and_rollback_are_exact(
             select(Version.number).where(Version.snapshot_artifact_id.is_not(None))
         ).all()
         assert sorted(snapped) == [3, 6, 9]
-        assert s.query(Artifact).count() == 10 + 3
+        kinds = [a.kind.value for a in s.query(Artifact)]
+        # 10 deltas, 3 snapshots, and the context templates sampled from the base
+        assert sorted(kinds) == sorted(["delta"] * 10 + ["snapshot"] * 3 + ["templates"])
 
     # a worker that restarts rebuilds version 10 from the ledger, bit for bit
     head_hashes = vs[10]["tensor_sha256"]
@@ -336,6 +338,49 @@ def test_the_weights_do_not_depend_on_a_restart(
     assert [v["number"] for v in through] == [v["number"] for v in restarted] == [0, 1, 2, 3]
     assert through[-1]["tensor_sha256"] == restarted[-1]["tensor_sha256"]
     assert through[1]["tensor_sha256"] == restarted[1]["tensor_sha256"]
+
+
+def test_another_worker_edits_with_the_templates_the_ledger_names(
+    e2e_settings: Settings,
+    app_client: Callable[[Settings], TestClient],
+    redis_conn: Redis,
+    db_engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first worker samples the context templates from the base and stores them
+    as a ledger artifact; a worker with a cache of its own (another machine) reads
+    them from there and samples nothing."""
+    from service.ledger.tables import ArtifactKind  # noqa: PLC0415
+    from workers.editing.common import templates  # noqa: PLC0415
+
+    client = app_client(e2e_settings)
+
+    def edit(state_cache: str, n: int) -> None:
+        harness.start_worker(MODEL, e2e_settings.model_copy(
+            update={"cache_dir": tmp_path / state_cache}))  # fmt: skip
+        r = client.post(f"/v1/models/{MODEL}/edits", json=edit_body(n))
+        assert r.status_code == 202, r.text
+        drain(e2e_settings, redis_conn)
+        assert job(client, r.json()["job_id"])["status"] == "succeeded", job(
+            client, r.json()["job_id"])  # fmt: skip
+
+    edit("first", 1)
+    with session_scope(db_engine) as s:
+        rows = list(s.scalars(select(Artifact).where(Artifact.kind == ArtifactKind.templates)))
+        assert len(rows) == 1
+        assert rows[0].meta["seed"] == 0 and rows[0].meta["spec"]
+
+    def no_sampling(*args: Any, **kwargs: Any) -> list[str]:
+        raise AssertionError("the second worker sampled templates of its own")
+
+    monkeypatch.setattr(templates, "generate_templates", no_sampling)
+    edit("second", 1)
+    with session_scope(db_engine) as s:
+        kinds = list(
+            s.scalars(select(Artifact.kind).where(Artifact.kind == ArtifactKind.templates))
+        )
+    assert len(kinds) == 1
 
 
 def test_a_ledger_outage_mid_commit_fails_nothing_and_leaves_nothing_running(

@@ -118,10 +118,14 @@ class TemplateCache:
         if found is not None:
             return found
         templates = generate_templates(model, tok, spec, seed)
+        self.put(spec, seed, templates)
+        return templates
+
+    def put(self, spec: Spec, seed: int, templates: Sequence[str]) -> None:
+        """Keep ``templates`` (e.g. read from the ledger) for ``spec`` and ``seed``."""
         path = self.path(spec, seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"spec": spec, "seed": seed, "templates": templates}))
+        tmp.write_text(json.dumps({"spec": spec, "seed": seed, "templates": list(templates)}))
         tmp.replace(path)
         self._memory[(spec, seed)] = list(templates)
-        return templates
