@@ -298,7 +298,7 @@ def run(
             statuses: dict[str, int] = {}
             for e in edits:
                 statuses[e.status.value] = statuses.get(e.status.value, 0) + 1
-            versions = _all_versions(c, model)
+            versions = all_versions(c, model)
 
             # the same requests in the ledger's order, uninterrupted, on the twin
             in_order = sorted((e for e in edits if e.version_id is not None),
@@ -316,7 +316,7 @@ def run(
                      == len(twin_jobs), "the twin's jobs")  # fmt: skip
             finally:
                 stop(twin_proc)
-            twin_head = _all_versions(c, twin)[-1]["tensor_sha256"]
+            twin_head = all_versions(c, twin)[-1]["tensor_sha256"]
             progress(f"the uninterrupted twin applied {len(in_order)} edits")
 
             # a rollback to a random version, checked against that version's hashes
@@ -326,7 +326,7 @@ def run(
             rb_id = rb.json()["job_id"]
             wait(lambda: count(Job.id == rb_id, Job.status == JobStatus.succeeded) == 1,
                  "the rollback")  # fmt: skip
-            head = _all_versions(c, model)[-1]["tensor_sha256"]
+            head = all_versions(c, model)[-1]["tensor_sha256"]
             base, target = versions[0]["tensor_sha256"], versions[k]["tensor_sha256"]
             exact = bool(head) and all(
                 sha == target.get(name, base.get(name)) for name, sha in head.items()
@@ -356,7 +356,8 @@ def run(
     )
 
 
-def _all_versions(c: httpx.Client, model: str) -> list[dict[str, Any]]:
+def all_versions(c: Any, model: str) -> list[dict[str, Any]]:
+    """Every version of ``model``, page by page (``c``: an httpx or test client)."""
     items: list[dict[str, Any]] = []
     cursor = None
     while True:

@@ -22,6 +22,10 @@ class ServiceError(Exception):
         self.field = field
         self.message = message
 
+    def headers(self) -> dict[str, str]:
+        """HTTP headers the answer carries (``Retry-After``, ``WWW-Authenticate``)."""
+        return {}
+
 
 class NotFound(ServiceError):
     """The named model, job or version does not exist (HTTP 404)."""
@@ -35,6 +39,9 @@ class Unauthorized(ServiceError):
 
     status_code = 401
     error_type = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(ServiceError):
@@ -54,6 +61,9 @@ class RateLimited(ServiceError):
     def __init__(self, field: str | None, message: str, *, retry_after_s: int) -> None:
         super().__init__(field, message)
         self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class Conflict(ServiceError):
@@ -91,6 +101,9 @@ class WorkerUnavailable(Unavailable):
         super().__init__(field, message)
         self.worker = worker
         self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
 
 
 class WorkerFailed(ServiceError):

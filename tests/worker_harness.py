@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from rq import Queue
 
-from bench._chaos import spawn_worker, stop, worker_env
+from bench._chaos import all_versions, spawn_worker, stop, worker_env
 from service.presence import Phase, Presence
 from service.redis_clients import command_client
 from service.settings import Settings
@@ -49,18 +49,6 @@ def drain(model: str, settings: Settings, redis: Redis, state: WorkerState | Non
         Queue(settings.eval_queue(model), connection=redis),
     ]
     StateWorker(queues, state=state or _LAST[model], connection=redis).work(burst=True)
-
-
-def all_versions(client: TestClient, model: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
-    cursor = None
-    while True:
-        params = {"limit": 100, **({"cursor": cursor} if cursor else {})}
-        page = client.get(f"/v1/models/{model}/versions", params=params).json()
-        items += page["items"]
-        cursor = page["next_cursor"]
-        if not cursor:
-            return items
 
 
 def job(client: TestClient, job_id: str) -> dict[str, Any]:

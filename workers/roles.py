@@ -84,7 +84,6 @@ class Roles:
         else:
             self.reconciler.stop()
             log.warning("another worker holds the writer lease: this worker is a replica")
-            self.lease.release()
         if worker is not None:
             worker.queues = self.queues()
             worker._ordered_queues = list(worker.queues)

@@ -49,6 +49,8 @@ SessionDep = Annotated[Session, Depends(_session)]
 RedisDep = Annotated[Redis, Depends(_redis)]
 # score/generate: blocks up to sync_timeout_s waiting for the worker's answer
 ReadsRedisDep = Annotated[Redis, Depends(_reads_redis)]
+# Retry-After of a 503 when the ledger database or Redis did not answer
+BACKEND_RETRY_AFTER_S = 5
 Limit = Annotated[int, Query(ge=1, le=ledger.MAX_PAGE, description="page size")]
 Cursor = Annotated[str | None, Query(description="next_cursor of the previous page")]
 

@@ -25,18 +25,16 @@ from sqlalchemy.exc import DataError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import VERSION, ledger, queue
+from service.api.deps import BACKEND_RETRY_AFTER_S
 from service.api.limits import BodyLimit
 from service.api.routes import ROUTERS
-from service.errors import RateLimited, ServiceError, Unauthorized, WorkerUnavailable
+from service.errors import ServiceError, WorkerUnavailable
 from service.ledger.sessions import create_ledger_engine, session_factory
 from service.redis_clients import blocking_client, command_client
 from service.schemas import ErrorItem, ErrorPublic, WorkerPublic
 from service.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-# Retry-After of a 503 when the ledger database or Redis did not answer
-DATABASE_RETRY_AFTER_S = 5
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -105,20 +103,10 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     if exc.status_code >= 500:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
     item = ErrorItem(field=exc.field, message=exc.message, type=exc.error_type)
-    if isinstance(exc, RateLimited):
-        response = _error_response(exc.status_code, [item])
-        response.headers["Retry-After"] = str(exc.retry_after_s)
-        return response
-    if isinstance(exc, Unauthorized):
-        response = _error_response(exc.status_code, [item])
-        response.headers["WWW-Authenticate"] = "Bearer"
-        return response
-    if isinstance(exc, WorkerUnavailable):
-        worker = WorkerPublic.model_validate(exc.worker)
-        response = _error_response(exc.status_code, [item], worker)
-        response.headers["Retry-After"] = str(exc.retry_after_s)
-        return response
-    return _error_response(exc.status_code, [item])
+    worker = WorkerPublic.model_validate(exc.worker) if isinstance(exc, WorkerUnavailable) else None
+    response = _error_response(exc.status_code, [item], worker)
+    response.headers.update(exc.headers())
+    return response
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -172,7 +160,7 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("%s %s: database error", request.method, request.url.path, exc_info=exc)
     item = ErrorItem(field=None, message="the ledger database did not answer", type="unavailable")
     response = _error_response(http.HTTP_503_SERVICE_UNAVAILABLE, [item])
-    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+    response.headers["Retry-After"] = str(BACKEND_RETRY_AFTER_S)
     return response
 
 
@@ -180,5 +168,5 @@ async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     log.error("%s %s: redis error", request.method, request.url.path, exc_info=exc)
     item = ErrorItem(field=None, message="the queue (Redis) did not answer", type="unavailable")
     response = _error_response(http.HTTP_503_SERVICE_UNAVAILABLE, [item])
-    response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+    response.headers["Retry-After"] = str(BACKEND_RETRY_AFTER_S)
     return response

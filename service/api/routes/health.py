@@ -13,7 +13,13 @@ from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from service.api.deps import RedisDep, SessionDep, SettingsDep, worker_of
+from service.api.deps import (
+    BACKEND_RETRY_AFTER_S,
+    RedisDep,
+    SessionDep,
+    SettingsDep,
+    worker_of,
+)
 from service.schemas import WorkerPublic
 
 log = logging.getLogger(__name__)
@@ -39,7 +45,9 @@ def healthz(session: SessionDep, redis: RedisDep) -> JSONResponse:
         return JSONResponse({"status": "ok"})
     log.warning("health check failed: %s", checks)
     return JSONResponse(
-        {"status": "unavailable", "checks": checks}, status_code=503, headers={"Retry-After": "5"}
+        {"status": "unavailable", "checks": checks},
+        status_code=503,
+        headers={"Retry-After": str(BACKEND_RETRY_AFTER_S)},
     )
 
 
