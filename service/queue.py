@@ -34,7 +34,7 @@ from rq.job import Job as RqJob
 from rq.results import Result
 
 from service import presence
-from service.errors import Unavailable, WorkerFailed, WorkerUnavailable
+from service.errors import InvalidInput, Unavailable, WorkerFailed, WorkerUnavailable
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,14 @@ def call_read(
             f"{wait_s} s: {worker.describe()}",
         )
     if result.type == Result.Type.SUCCESSFUL:
-        return result.return_value
+        value = result.return_value
+        invalid = value.get("invalid") if isinstance(value, dict) else None
+        if invalid:  # a text too long in tokens for the model (workers/tokens.py)
+            raise InvalidInput(invalid["field"], invalid["message"])
+        if isinstance(value, dict) and value.get("unavailable"):  # start-up (workers/jobs/reads.py)
+            worker = presence.model_worker(redis, settings.queue_prefix, model)
+            raise _unavailable(worker, value["unavailable"])
+        return value
     raise WorkerFailed(None, f"the worker failed the {function} request: {_exc_message(result)}")
 
 

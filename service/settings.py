@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     max_requests_per_edit: int = Field(64, ge=1)
     max_prompts_per_score: int = Field(256, ge=1)
     max_new_tokens: int = Field(256, ge=1)
+    # tokens in one prompt with its target (edits, score) or one generate prompt,
+    # counted by the worker with the model's tokenizer (workers/tokens.py)
+    max_prompt_tokens: int = Field(256, ge=1)
     # largest request body the API reads (bytes); a larger one is refused with 413
     # before it is parsed (64 edit requests with a few paraphrases each are ~100 kB)
     max_body_bytes: int = Field(1_048_576, ge=1024)

@@ -6,8 +6,11 @@
   lease, puts back the jobs the previous writer left unfinished
   (:func:`workers.startup.requeue_unfinished`): only then, so a worker that starts
   beside a live writer never resets that writer's running job.
-- A **replica** serves the read queue only (score and generate, each synced to the
-  ledger's head and hash-checked). Before each dequeue it tries the lease
+- A **replica** serves the read and evaluation queues: score and generate, each
+  synced to the version asked for (default the head) and hash-checked, and
+  evaluations at their version, each under a claim that a writer taking the lease
+  over respects (:class:`service.ledger.lease.JobClaim`). Before each dequeue it
+  tries the lease
   (:meth:`Roles.check`, at most every :data:`CHECK_S` seconds while idle) and
   becomes the writer when the writer is gone.
 
@@ -42,6 +45,7 @@ class Roles:
         *,
         read_queue: Queue,
         writer_queues: Sequence[Queue],
+        replica_queues: Sequence[Queue] | None = None,
         reconciler: Reconciler,
         take_over: Callable[[], Any],
         presence: Presence | None = None,
@@ -49,6 +53,7 @@ class Roles:
         self.lease = lease
         self.read_queue = read_queue
         self.writer_queues = list(writer_queues)
+        self.replica_queues = list(replica_queues or [read_queue])
         self.reconciler = reconciler
         self.take_over = take_over
         self.presence = presence
@@ -56,7 +61,7 @@ class Roles:
         self._settled = False  # the worker's queues follow the role
 
     def queues(self) -> list[Queue]:
-        return self.writer_queues if self.writer else [self.read_queue]
+        return self.writer_queues if self.writer else self.replica_queues
 
     def check(self, worker: Any | None = None) -> bool:
         """Take or keep the lease if possible and set ``worker``'s queues to the role;
@@ -93,4 +98,4 @@ class Roles:
     def describe(self) -> str:
         if self.writer:
             return "writer"
-        return "replica: serves reads; takes over if the writer stops"
+        return "replica: serves reads and evaluations; takes over if the writer stops"

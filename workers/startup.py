@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from rq import Queue
@@ -28,6 +28,7 @@ from service.ledger import versions as ledger_versions
 from service.ledger.sessions import get_engine, session_scope
 from service.ledger.tables import ArtifactKind, JobKind, JobStatus
 from service.settings import ModelSpec, Settings
+from workers.artifacts import ArtifactError
 from workers.editing.common.base import EditError
 from workers.editing.common.stats import Steps, stats_provider
 from workers.editing.hparams import METHODS, defaults_for, with_overrides
@@ -88,13 +89,26 @@ def sync_to_head(state: WorkerState) -> int:
     return head
 
 
+def sync_to(state: WorkerState, version: int | None) -> int:
+    """Bring the in-memory model to ``version`` (None: the ledger's head), rebuilt
+    from the ledger's records and hash-checked; returns the version it is at."""
+    if version is None:
+        return sync_to_head(state)
+    if state.runtime.current_version != version:
+        with state.ledger() as s:
+            records = ledger_versions.version_records(s, state.model_id)
+        state.runtime.sync(records, version, state.store)
+    return version
+
+
 def requeue_unfinished(state: WorkerState, edits: Queue) -> int:
     """Put back this model's ledger jobs that are not finished: a lost Redis message,
     or a worker that died mid-job (its own job and the jobs it had taken into its
     batches are left ``running``). Postgres is the truth.
 
     Every unfinished job becomes ``queued`` again (its applied edits stay applied;
-    the queued ones run again) and is re-enqueued unless Redis still holds its
+    the queued ones run again), except an evaluation that a live replica still runs
+    (:func:`service.ledger.jobs.running_elsewhere`), and is re-enqueued unless Redis still holds its
     entry (:func:`service.queue.enqueue_job`, as the API does). Call it when the
     model's writer starts, before it takes jobs. Returns how many jobs were put back.
     """
@@ -102,6 +116,8 @@ def requeue_unfinished(state: WorkerState, edits: Queue) -> int:
     conn = edits.connection
     with state.ledger() as s:
         for job in ledger_jobs.unfinished_jobs(s, state.model_id):
+            if ledger_jobs.running_elsewhere(s, job):
+                continue  # an evaluation a live replica runs
             status = queue.entry_status(conn, job.id)
             was_running = job.status is JobStatus.running
             if was_running:
@@ -189,6 +205,34 @@ def templates_provider_for(state: WorkerState) -> Callable[[Any, int], list[str]
         return templates
 
     return provide
+
+
+class LedgerStats:
+    """The statistics every worker of a base shares (:class:`SharedStats`): files of
+    kind ``stats`` in the artifact store, named in the ledger by their key. A file
+    the ledger names but this machine's store lacks (another machine's store) is
+    computed here again."""
+
+    def __init__(self, state: WorkerState) -> None:
+        self.state = state
+
+    def fetch(self, key: Mapping[str, str]) -> bytes | None:
+        with self.state.ledger() as s:
+            row = ledger_versions.stats_artifact(s, key)
+            if row is None:
+                return None
+            path, sha = row.path, row.sha256
+        try:
+            return self.state.store.get(path, sha)
+        except ArtifactError as exc:
+            log.warning("the ledger names statistics %s, but they cannot be read: %s", path, exc)
+            return None
+
+    def publish(self, key: Mapping[str, str], data: bytes) -> None:
+        with self.state.ledger() as s:
+            if ledger_versions.stats_artifact(s, key) is None:
+                put = self.state.store.put(ArtifactKind.stats.value, data)
+                ledger_versions.add_artifact(s, ArtifactKind.stats, put, key)
 
 
 # the share of start-up progress given to the statistics; the editors' caches take the rest

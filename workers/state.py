@@ -37,7 +37,8 @@ class WorkerState:
       (kept on disk beside the statistics);
     - ``editor_cache``: the editing library's own caches (``EditContext.cache``:
       context templates, factorisations of the statistics), alive as long as the model;
-    - ``canary``: the guard's canary of the current version (None with the guard off).
+    - ``canary``: the guard's canary of the current version (None with the guard off);
+    - ``starting``: the start-up's steps are still running (:class:`workers.worker.StartingWorker`).
     """
 
     name: str
@@ -51,6 +52,9 @@ class WorkerState:
     templates: TemplateCache
     editor_cache: dict[str, Any] = field(default_factory=dict)
     canary: CanaryCache | None = None
+    # while the start-up's steps run (statistics on the base weights), a read between
+    # two steps is answered only at the version the weights are at
+    starting: bool = False
 
     @property
     def engine(self) -> Engine:

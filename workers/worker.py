@@ -70,7 +70,7 @@ def load_state(name: str, settings: Settings | None = None) -> WorkerState:
     model_id = startup.register(runtime, name, spec, settings)
     # the statistics are keyed by the base weights: fingerprint them before any replay
     fingerprint = weights_fingerprint(runtime.model)
-    return WorkerState(
+    state = WorkerState(
         name=name,
         spec=spec,
         settings=settings,
@@ -82,6 +82,9 @@ def load_state(name: str, settings: Settings | None = None) -> WorkerState:
         templates=TemplateCache(settings.effective_cache_dir / "templates", fingerprint),
         canary=CanaryCache(spec.guard.canary_texts) if spec.guard.enabled else None,
     )
+    # statistics computed by any worker of this base are named in the ledger and reused
+    state.stats.shared = startup.LedgerStats(state)
+    return state
 
 
 def startup_steps(state: WorkerState) -> Steps[int]:
@@ -164,6 +167,8 @@ class StartingWorker(StateWorker):
         self._presence = presence
         self._roles = roles
         self.startup_error: BaseException | None = None
+        if state is not None:
+            state.starting = True  # reads between steps must not move the weights
 
     def dequeue_job_and_maintain_ttl(
         self, timeout: int | None, max_idle_time: int | None = None
@@ -202,6 +207,8 @@ class StartingWorker(StateWorker):
             fraction, message = next(steps)
         except StopIteration:
             self._startup = None
+            if self.worker_state is not None:
+                self.worker_state.starting = False
             if self._presence is not None:
                 role = self._roles.describe() if self._roles is not None else None
                 self._presence.set(Phase.ready, message=role)
@@ -209,6 +216,8 @@ class StartingWorker(StateWorker):
             return
         except BaseException as exc:
             self._startup = None
+            if self.worker_state is not None:
+                self.worker_state.starting = False
             self.startup_error = exc
             log.error("worker %s: start-up failed", self.name, exc_info=exc)
             raise StopRequested() from exc
@@ -252,6 +261,7 @@ def main(name: str, *, burst: bool = False, presence: Presence | None = None) ->
             WriterLease(state.engine, state.model_id),
             read_queue=queues[0],
             writer_queues=queues,
+            replica_queues=[queues[0], queues[2]],
             reconciler=Reconciler(
                 settings, name, state.model_id, state.engine, command_client(settings.redis_url)
             ),

@@ -30,6 +30,7 @@ from service.ledger.models import (
     head_version_number,
     list_models,
     model_policies,
+    require_version,
     set_evaluation_policy,
     sync_models,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "list_models",
     "list_versions",
     "model_policies",
+    "require_version",
     "schedule_policy_evaluations",
     "set_evaluation_policy",
     "sync_models",

@@ -18,7 +18,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, joinedload
 
 from service.errors import InvalidInput, NotFound
-from service.ledger.models import get_model, head_version_number
+from service.ledger.lease import claimed_elsewhere
+from service.ledger.models import get_model, require_version
 from service.ledger.tables import (
     Edit,
     EditStatus,
@@ -26,7 +27,6 @@ from service.ledger.tables import (
     Job,
     JobKind,
     JobStatus,
-    Version,
     utcnow,
 )
 from service.schemas import Batching, EditRequestIn
@@ -125,15 +125,7 @@ def _parse_requests(requests: Sequence[EditRequestIn | Mapping[str, Any]]) -> li
 def create_rollback_job(session: Session, model_name: str, to_version: int) -> Job:
     """Add a rollback job to ``to_version``, which must exist for the model."""
     model = get_model(session, model_name)
-    exists = session.scalar(
-        select(Version.id).where(Version.model_id == model.id, Version.number == to_version)
-    )
-    if exists is None:
-        head = head_version_number(session, model.id)
-        have = "it has no versions yet" if head is None else f"its versions are 0..{head}"
-        raise InvalidInput(
-            "to_version", f"version {to_version} does not exist for model {model_name!r} ({have})"
-        )
+    require_version(session, model, to_version, "to_version")
     job = add_job(session, model.id, JobKind.rollback, {"to_version": to_version})
     log.info("job %s: rollback of %s to version %d", job.id, model_name, to_version)
     return job
@@ -346,14 +338,34 @@ def put_back(session: Session, job: Job, message: str) -> None:
 
 
 def put_back_running(session: Session, model_id: int, message: str) -> list[str]:
-    """Every ``running`` job of the model becomes ``queued`` again (the writer lost
-    track of them: a ledger outage); their ids."""
+    """Every ``running`` job of the model becomes ``queued`` again (the worker lost
+    track of them: a ledger outage), except an evaluation that a live worker still
+    claims (:func:`running_elsewhere`); their ids."""
     moved = []
     for job in unfinished_jobs(session, model_id):
-        if job.status is JobStatus.running:
+        if job.status is JobStatus.running and not running_elsewhere(session, job):
             put_back(session, job, message)
             moved.append(job.id)
     return moved
+
+
+def running_elsewhere(session: Session, job: Job) -> bool:
+    """Whether ``job`` is a running evaluation that a live worker claims: a replica
+    runs it (:class:`service.ledger.lease.JobClaim`)."""
+    return (
+        job.kind is JobKind.evaluation
+        and job.status is JobStatus.running
+        and claimed_elsewhere(session, job.id)
+    )
+
+
+def job_kind(session: Session, job_id: str) -> JobKind | None:
+    """The kind of job ``job_id``, or None when the ledger has no such job."""
+    try:
+        key = str(uuid.UUID(job_id))
+    except ValueError:
+        return None
+    return session.scalar(select(Job.kind).where(Job.id == key))
 
 
 # -- batching: the queued jobs a writer takes along (workers/batching.py has the rules) ----

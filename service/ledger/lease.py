@@ -1,6 +1,7 @@
-"""The writer lease: exactly one worker per model writes (edits, rollbacks,
-evaluations, the reconciler); every other worker of the model is a replica that
-serves reads.
+"""The writer lease: exactly one worker per model writes (edits, rollbacks, the
+reconciler); every other worker of the model is a replica that serves reads and
+evaluations. And the claim on a running evaluation (:class:`JobClaim`), which tells
+a worker that takes the lease over which running evaluations are still alive.
 
 The lease is a PostgreSQL session-level advisory lock on ``(NAMESPACE, model id)``,
 held on a connection of its own for as long as the writer lives. PostgreSQL frees
@@ -15,14 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from types import TracebackType
 
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session
 
 log = logging.getLogger(__name__)
 
 # the first key of memedit's advisory locks (the second is the model's id)
 NAMESPACE = 0x6D65  # "me"
+# the first key of the claims on running jobs (the second is hashtext(job id))
+JOB_NAMESPACE = NAMESPACE + 1
 
 
 class WriterLease:
@@ -86,3 +91,69 @@ class WriterLease:
         if conn is not None:
             with contextlib.suppress(SQLAlchemyError):
                 conn.close()
+
+
+class JobClaim:
+    """``with JobClaim(engine, job_id) as claimed:`` holds an advisory lock on the job
+    while its block runs, on a connection of its own, so that PostgreSQL frees it when
+    the worker dies. ``claimed`` is False when another worker holds it (or the ledger
+    did not answer): that worker runs the job.
+
+    A worker running an evaluation holds its claim; one that takes the writer lease
+    over puts back only the running evaluations nobody claims
+    (:func:`claimed_elsewhere`). The second key is ``hashtext`` of the id: two running
+    jobs whose ids collide would shield each other from a put-back while both run."""
+
+    def __init__(self, engine: Engine, job_id: str) -> None:
+        self.engine = engine
+        self.job_id = job_id
+        self._conn: Connection | None = None
+
+    def __enter__(self) -> bool:
+        try:
+            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        except SQLAlchemyError as exc:
+            log.warning("claim on job %s: the ledger did not answer (%s)", self.job_id, exc)
+            return False
+        try:
+            got = conn.execute(
+                text("SELECT pg_try_advisory_lock(:ns, hashtext(:job))"),
+                {"ns": JOB_NAMESPACE, "job": self.job_id},
+            ).scalar_one()
+        except SQLAlchemyError as exc:
+            conn.close()
+            log.warning("claim on job %s: %s", self.job_id, exc)
+            return False
+        if not got:
+            conn.close()
+            return False
+        self._conn = conn
+        return True
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        with contextlib.suppress(SQLAlchemyError):
+            conn.execute(
+                text("SELECT pg_advisory_unlock(:ns, hashtext(:job))"),
+                {"ns": JOB_NAMESPACE, "job": self.job_id},
+            )
+        with contextlib.suppress(SQLAlchemyError):
+            conn.close()
+
+
+def claimed_elsewhere(session: Session, job_id: str) -> bool:
+    """Whether a live worker holds the claim on ``job_id`` (:class:`JobClaim`). Tries
+    the lock for the rest of ``session``'s transaction: a worker that dequeues the
+    job meanwhile finds it claimed and leaves it to the re-enqueued entry."""
+    got = session.execute(
+        text("SELECT pg_try_advisory_xact_lock(:ns, hashtext(:job))"),
+        {"ns": JOB_NAMESPACE, "job": job_id},
+    ).scalar_one()
+    return not got

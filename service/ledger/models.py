@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
 
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, InvalidInput, NotFound
 from service.ledger.tables import (
     Model,
     Version,
@@ -89,6 +89,19 @@ def list_models(session: Session) -> list[tuple[Model, int | None]]:
 
 def head_version_number(session: Session, model_id: int) -> int | None:
     return session.scalar(select(func.max(Version.number)).where(Version.model_id == model_id))
+
+
+def require_version(session: Session, model: Model, number: int, field: str) -> None:
+    """:class:`InvalidInput` naming ``field`` unless ``model`` has version ``number``."""
+    exists = session.scalar(
+        select(Version.id).where(Version.model_id == model.id, Version.number == number)
+    )
+    if exists is None:
+        head = head_version_number(session, model.id)
+        have = "it has no versions yet" if head is None else f"its versions are 0..{head}"
+        raise InvalidInput(
+            field, f"version {number} does not exist for model {model.name!r} ({have})"
+        )
 
 
 def set_evaluation_policy(

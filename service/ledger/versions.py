@@ -134,6 +134,18 @@ def templates_artifact(
     )
 
 
+def stats_artifact(session: Session, key: Mapping[str, str]) -> Artifact | None:
+    """The first stored statistics file named by ``key`` (artifacts of kind ``stats``
+    whose meta holds every field of ``key``: fingerprint, param, corpus, sizes, seed)."""
+    meta = type_coerce(Artifact.meta, JSONB)
+    return session.scalar(
+        select(Artifact)
+        .where(Artifact.kind == ArtifactKind.stats, meta.contains(dict(key)))
+        .order_by(Artifact.id)
+        .limit(1)
+    )
+
+
 @dataclass(frozen=True)
 class NewVersion:
     """What a worker commits as a version (the edit's or the rollback's numbers)."""

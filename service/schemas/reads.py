@@ -13,6 +13,7 @@ DEFAULT_NEW_TOKENS = 20  # generate's max_new_tokens when the client gives none
 class ScoreRequest(Input):
     prompts: list[Text] = Field(min_length=1, examples=[["The Eiffel Tower is located in"]])
     targets: list[Text] = Field(min_length=1, examples=[["Rome"]])
+    version: BodyInt | None = Field(None, description="the version to score (default: the head)")
 
 
 class ScoreResponse(BaseModel):
@@ -26,6 +27,9 @@ class GenerateRequest(Input):
     prompt: Text = Field(examples=["The Eiffel Tower is located in"])
     max_new_tokens: BodyInt | None = Field(
         None, ge=1, description=f"default {DEFAULT_NEW_TOKENS} (or the server's maximum, if lower)"
+    )
+    version: BodyInt | None = Field(
+        None, description="the version that continues the prompt (default: the head)"
     )
 
 

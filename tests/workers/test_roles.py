@@ -1,6 +1,6 @@
 """One writer per model (service/ledger/lease.py, workers/roles.py): the lease on the
 real PostgreSQL, and two ``memedit worker`` processes for one model: one writes, the
-other serves reads, and when the writer is killed the replica takes over and
+other serves reads and evaluations, and when the writer is killed the replica takes over and
 finishes every job, with no duplicate version and no job failed by the race."""
 
 from __future__ import annotations
@@ -106,6 +106,12 @@ def test_two_workers_one_writes_the_replica_takes_over(
         gen = client.post(f"/v1/models/{MODEL}/generate", json={"prompt": "Mozart was born in"})
         assert gen.status_code == 200, gen.text
         jobs = [_post(client, s) for s in ("Mozart", "Picasso", "Einstein", "Curie", "Newton")]
+        # while the writer edits, the replica runs an evaluation (at its version)
+        ev = client.post(
+            f"/v1/models/{MODEL}/evaluations",
+            json={"suite": "fluency", "params": {"max_new_tokens": 4, "prompts": ["Mozart"]}},
+        )
+        assert ev.status_code == 202, ev.text
 
         def succeeded() -> list[bool]:
             with session_scope(clean_db) as s:
@@ -113,6 +119,10 @@ def test_two_workers_one_writes_the_replica_takes_over(
             return [found[j] is JobStatus.succeeded for j in jobs]
 
         _wait(lambda: succeeded()[0], 120, "the first edit", *logs)
+        _wait(lambda: harness.job(client, ev.json()["job_id"])["status"] == "succeeded", 120,
+              "the evaluation", *logs)  # fmt: skip
+        assert "evaluation 1 (fluency)" in logs[1].read_text()  # the replica ran it
+        assert "evaluation 1 (fluency)" not in logs[0].read_text()
         a.send_signal(signal.SIGKILL)
         a.wait(timeout=30)
         killed = time.monotonic()

@@ -20,6 +20,7 @@ import logging
 from typing import Any
 
 from service.ledger import jobs as ledger_jobs
+from service.ledger.lease import JobClaim
 from service.ledger.tables import JobKind
 from workers.jobs import edit, evaluation, reads, rollback
 from workers.jobs.common import fail, finish, is_ledger_outage, wait_for_ledger
@@ -57,7 +58,23 @@ def run_job(state: WorkerState, job_id: str) -> dict[str, Any] | None:
 
 
 def _run(state: WorkerState, job_id: str) -> dict[str, Any] | None:
-    """Run an edit, rollback or evaluation job from the ledger.
+    """Run an edit, rollback or evaluation job from the ledger; an evaluation under
+    its claim (:class:`~service.ledger.lease.JobClaim`), since the writer and every
+    replica serve the evaluation queue: a writer taking the lease over then leaves
+    a live replica's running evaluation alone."""
+    with state.ledger() as s:
+        kind = ledger_jobs.job_kind(s, job_id)
+    if kind is not JobKind.evaluation:
+        return _start(state, job_id)
+    with JobClaim(state.engine, job_id) as claimed:
+        if not claimed:
+            log.info("evaluation job %s is claimed by another worker; nothing to do", job_id)
+            return None
+        return _start(state, job_id)
+
+
+def _start(state: WorkerState, job_id: str) -> dict[str, Any] | None:
+    """Start job ``job_id`` (or the older one its entry runs) and run it.
 
     The entry of an edit or rollback job runs the model's oldest queued edit or
     rollback job (:func:`service.ledger.jobs.start_job`: the ledger's order, not
@@ -90,12 +107,21 @@ def _run(state: WorkerState, job_id: str) -> dict[str, Any] | None:
 
 
 @needs_state
-def score(state: WorkerState, model: str, prompts: list[str], targets: list[str]) -> dict[str, Any]:
-    """Mean per-token log-probability of ``" " + target`` after each prompt, at head."""
-    return reads.score(state, model, prompts, targets)
+def score(
+    state: WorkerState,
+    model: str,
+    prompts: list[str],
+    targets: list[str],
+    version: int | None = None,
+) -> dict[str, Any]:
+    """Mean per-token log-probability of ``" " + target`` after each prompt, at
+    ``version`` (default: the head)."""
+    return reads.score(state, model, prompts, targets, version)
 
 
 @needs_state
-def generate(state: WorkerState, model: str, prompt: str, max_new_tokens: int) -> dict[str, Any]:
-    """Greedy continuation of ``prompt`` at head."""
-    return reads.generate(state, model, prompt, max_new_tokens)
+def generate(
+    state: WorkerState, model: str, prompt: str, max_new_tokens: int, version: int | None = None
+) -> dict[str, Any]:
+    """Greedy continuation of ``prompt`` at ``version`` (default: the head)."""
+    return reads.generate(state, model, prompt, max_new_tokens, version)

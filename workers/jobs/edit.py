@@ -36,7 +36,7 @@ from service.ledger import jobs as ledger_jobs
 from service.ledger import versions as ledger_versions
 from service.ledger.tables import Edit, VersionKind
 from service.ledger.versions import NewVersion
-from workers import pipeline
+from workers import pipeline, tokens
 from workers.batching import batch_size, next_batch
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest
@@ -97,11 +97,19 @@ def run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     # seconds spent waiting for a first full batch (None: this job does not batch)
     wait_s = batching.fill(wait=True) if batching.budget else None
     topped = True  # whether the held requests were topped up since the last batch
+    checked: set[str] = set()  # jobs whose texts were counted in tokens
     while True:
         active = [j for j in batching.held if j not in failed and j not in done]
         with state.ledger() as s:
             pending = ledger_edits.pending_edits(s, active)
         with_edits = {e.job_id for e in pending}
+        refused = _too_long(state, [e for e in pending if e.job_id not in checked])
+        checked.update(with_edits)
+        if refused:
+            for j, exc in refused.items():
+                fail(state, j, exc)
+                failed[j] = exc
+            continue
         finished = [j for j in active if j not in with_edits]
         if finished:
             finish(state, finished, None)
@@ -151,6 +159,24 @@ def run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
         raise failed[job_id]
     with state.ledger() as s:
         return ledger_jobs.get_job(s, job_id).result
+
+
+def _too_long(state: WorkerState, pending: Sequence[Edit]) -> dict[str, tokens.PromptTooLong]:
+    """The jobs among ``pending``'s with a text longer than the worker takes in tokens
+    (:mod:`workers.tokens`), each with its first such text."""
+    rt = state.runtime
+    limit = tokens.token_limit(rt.model, state.settings.max_prompt_tokens)
+    refused: dict[str, tokens.PromptTooLong] = {}
+    index: dict[str, int] = {}
+    for e in pending:
+        i = index[e.job_id] = index.get(e.job_id, -1) + 1
+        if e.job_id in refused:
+            continue
+        try:
+            tokens.check(rt.tokenizer, tokens.edit_texts(i, e), limit)
+        except tokens.PromptTooLong as exc:
+            refused[e.job_id] = exc
+    return refused
 
 
 def _batch_reporter(

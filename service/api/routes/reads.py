@@ -29,7 +29,8 @@ def score(
     redis: ReadsRedisDep,
     settings: SettingsDep,
 ) -> ScoreResponse:
-    """Mean per-token log-probability of ``" " + target`` after each prompt, at head."""
+    """Mean per-token log-probability of ``" " + target`` after each prompt, at the
+    head or the version asked for."""
     if len(body.targets) != len(body.prompts):
         raise InvalidInput(
             "targets",
@@ -40,8 +41,10 @@ def score(
         raise InvalidInput(
             "prompts", f"at most {settings.max_prompts_per_score} prompts per request"
         )
-    _release_after_lookup(session, model)
+    _release_after_lookup(session, model, body.version)
     kwargs = {"model": model, "prompts": body.prompts, "targets": body.targets}
+    if body.version is not None:
+        kwargs["version"] = body.version
     return ScoreResponse.model_validate(queue.call_read(redis, settings, model, "score", kwargs))
 
 
@@ -53,17 +56,22 @@ def generate(
     redis: ReadsRedisDep,
     settings: SettingsDep,
 ) -> GenerateResponse:
-    """Greedy continuation of ``prompt`` by the head version."""
+    """Greedy continuation of ``prompt`` by the head or the version asked for."""
     max_new_tokens = body.max_new_tokens or min(DEFAULT_NEW_TOKENS, settings.max_new_tokens)
     if max_new_tokens > settings.max_new_tokens:
         raise InvalidInput("max_new_tokens", f"must be at most {settings.max_new_tokens}")
-    _release_after_lookup(session, model)
+    _release_after_lookup(session, model, body.version)
     kwargs = {"model": model, "prompt": body.prompt, "max_new_tokens": max_new_tokens}
+    if body.version is not None:
+        kwargs["version"] = body.version
     answer = queue.call_read(redis, settings, model, "generate", kwargs)
     return GenerateResponse.model_validate(answer)
 
 
-def _release_after_lookup(session: Session, model: str) -> None:
-    """404 for an unknown model; then give the connection back before waiting on a worker."""
-    ledger.get_model(session, model)
+def _release_after_lookup(session: Session, model: str, version: int | None) -> None:
+    """404 for an unknown model, 422 for a version it does not have; then give the
+    connection back before waiting on a worker."""
+    row = ledger.get_model(session, model)
+    if version is not None:
+        ledger.require_version(session, row, version, "version")
     session.close()

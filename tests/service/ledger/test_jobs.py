@@ -6,12 +6,13 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from service import ledger
 from service.errors import InvalidInput, NotFound
 from service.ledger import jobs as ledger_jobs
+from service.ledger.lease import JobClaim
 from service.ledger.tables import (
     Edit,
     EditStatus,
@@ -145,6 +146,31 @@ def test_an_evaluation_entry_runs_its_own_job_only(synced: Session) -> None:
     assert ledger_jobs.start_job(synced, evaluation.id, mid).id == evaluation.id  # type: ignore[union-attr]
     assert ledger_jobs.start_job(synced, evaluation.id, mid) is None
     assert synced.get(Job, edit.id).status is JobStatus.queued  # type: ignore[union-attr]
+
+
+def test_a_running_evaluation_that_a_live_worker_claims_is_not_put_back(
+    synced: Session, db_engine: Engine
+) -> None:
+    """A writer taking the lease over (or a worker back from an outage) puts back the
+    running jobs, but not an evaluation a live replica runs under its claim."""
+    add_versions(synced, MODEL, 1)
+    edit = ledger.create_edit_job(synced, MODEL, "rome", None, [edit_request()])
+    claimed, _ = ledger.create_evaluation_job(synced, MODEL, "retention", None, {})
+    orphan, _ = ledger.create_evaluation_job(synced, MODEL, "retention", None, {})
+    synced.commit()
+    mid = _model_id(synced)
+    for job_id in (edit.id, claimed.id, orphan.id):
+        ledger_jobs.start_job(synced, job_id, mid)
+    with JobClaim(db_engine, claimed.id) as mine:
+        assert mine
+        with JobClaim(db_engine, claimed.id) as second:
+            assert not second  # one claim per job
+        assert ledger_jobs.running_elsewhere(synced, synced.get(Job, claimed.id))  # type: ignore[arg-type]
+        moved = ledger_jobs.put_back_running(synced, mid, "the writer stopped")
+    assert sorted(moved) == sorted([edit.id, orphan.id])
+    assert synced.get(Job, claimed.id).status is JobStatus.running  # type: ignore[union-attr]
+    assert ledger_jobs.job_kind(synced, claimed.id) is JobKind.evaluation
+    assert ledger_jobs.job_kind(synced, "not-a-uuid") is None
 
 
 def test_start_job_refuses_unknown_and_foreign_jobs(synced: Session) -> None:

@@ -199,6 +199,14 @@ def test_memit_batch_is_one_version_and_reads_see_it(
             f"/v1/models/{MODEL}/generate",
             json={"prompt": "Mozart was born in", "max_new_tokens": 1},
         )
+        answers["base"] = client.post(
+            f"/v1/models/{MODEL}/score",
+            json={"prompts": ["Mozart was born in"], "targets": ["Rome"], "version": 0},
+        )
+        answers["head again"] = client.post(
+            f"/v1/models/{MODEL}/score",
+            json={"prompts": ["Mozart was born in"], "targets": ["Rome"]},
+        )
 
     t = threading.Thread(target=ask)
     t.start()
@@ -217,6 +225,13 @@ def test_memit_batch_is_one_version_and_reads_see_it(
     assert score.json()["version"] == 1
     assert score.json()["logprobs"] == pytest.approx([after["new"][0], after["true"][0]], abs=1e-5)
     assert gen.json()["version"] == 1 and isinstance(gen.json()["text"], str)
+    # a read at an earlier version: rebuilt from the ledger, then back to the head
+    base, again = answers["base"].json(), answers["head again"].json()
+    before = first["metrics"]["pre_logprobs"]["rewrite"]
+    assert base["version"] == 0
+    assert base["logprobs"] == pytest.approx([before["new"][0]], abs=1e-5)
+    assert again["version"] == 1
+    assert again["logprobs"] == pytest.approx([after["new"][0]], abs=1e-5)
 
 
 def test_ft_l_batch_is_one_dense_version_and_rolls_back_exactly(
@@ -340,7 +355,7 @@ def test_the_weights_do_not_depend_on_a_restart(
     assert through[1]["tensor_sha256"] == restarted[1]["tensor_sha256"]
 
 
-def test_another_worker_edits_with_the_templates_the_ledger_names(
+def test_another_worker_edits_with_the_templates_and_statistics_the_ledger_names(
     e2e_settings: Settings,
     app_client: Callable[[Settings], TestClient],
     redis_conn: Redis,
@@ -348,11 +363,12 @@ def test_another_worker_edits_with_the_templates_the_ledger_names(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The first worker samples the context templates from the base and stores them
-    as a ledger artifact; a worker with a cache of its own (another machine) reads
-    them from there and samples nothing."""
+    """The first worker samples the context templates and computes the statistics
+    from the base and stores them as ledger artifacts; a worker with a cache of its
+    own (another machine) reads them from there, samples and computes nothing, and
+    makes the same weights."""
     from service.ledger.tables import ArtifactKind  # noqa: PLC0415
-    from workers.editing.common import templates  # noqa: PLC0415
+    from workers.editing.common import stats, templates  # noqa: PLC0415
 
     client = app_client(e2e_settings)
 
@@ -370,17 +386,32 @@ def test_another_worker_edits_with_the_templates_the_ledger_names(
         rows = list(s.scalars(select(Artifact).where(Artifact.kind == ArtifactKind.templates)))
         assert len(rows) == 1
         assert rows[0].meta["seed"] == 0 and rows[0].meta["spec"]
+        (moments,) = s.scalars(select(Artifact).where(Artifact.kind == ArtifactKind.stats))
+        assert moments.meta["param"].endswith("down_proj.weight")
+        assert moments.meta["n_samples"] == str(FAST["mom2_n_samples"])
+    first = harness.all_versions(client, MODEL)[1]["tensor_sha256"]
 
     def no_sampling(*args: Any, **kwargs: Any) -> list[str]:
         raise AssertionError("the second worker sampled templates of its own")
 
+    def no_statistics(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the second worker computed statistics of its own")
+
     monkeypatch.setattr(templates, "generate_templates", no_sampling)
-    edit("second", 1)
+    monkeypatch.setattr(stats, "second_moment_steps", no_statistics)
+    rolled = client.post(f"/v1/models/{MODEL}/rollback", json={"to_version": 0})
+    assert rolled.status_code == 202, rolled.text
+    edit("second", 1)  # the same edit again, on the base, by the other worker
     with session_scope(db_engine) as s:
         kinds = list(
-            s.scalars(select(Artifact.kind).where(Artifact.kind == ArtifactKind.templates))
+            s.scalars(
+                select(Artifact.kind).where(
+                    Artifact.kind.in_([ArtifactKind.templates, ArtifactKind.stats])
+                )
+            )
         )
-    assert len(kinds) == 1
+    assert sorted(k.value for k in kinds) == ["stats", "templates"]
+    assert harness.all_versions(client, MODEL)[-1]["tensor_sha256"] == first
 
 
 def test_a_ledger_outage_mid_commit_fails_nothing_and_leaves_nothing_running(

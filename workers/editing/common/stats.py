@@ -14,7 +14,8 @@ collects it over Wikipedia). Here:
   up to the deepest requested layer; a self-sampled corpus is collected *while* it is
   generated (sampling needs the full forward anyway), batched with a KV cache;
 - **a cache** (:class:`StatsCache`): one safetensors file per (model fingerprint,
-  parameter, corpus, sample count, sequence length, seed).
+  parameter, corpus, sample count, sequence length, seed), optionally backed by a
+  store shared between processes (:class:`SharedStats`).
 
 ``n_samples`` counts sequences (as ``mom2_n_samples`` in ROME/MEMIT/EasyEdit) and
 ``sample_tokens`` their length in tokens; the statistics use every position
@@ -30,13 +31,13 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from workers.editing.common.hooks import forward_hooks, get_module, run_forward
@@ -324,15 +325,55 @@ def compute_second_moments(
 # -- cache ----------------------------------------------------------------------------------
 
 
+class SharedStats(Protocol):
+    """Where other processes' statistics are found and this one's are offered: the
+    service backs it with its ledger and artifact store, so that every worker of a
+    base model (a replica, another machine) uses the same statistics. ``key`` names
+    one file: ``fingerprint``, ``param``, ``corpus``, ``n_samples``,
+    ``sample_tokens`` and ``seed``, all strings."""
+
+    def fetch(self, key: Mapping[str, str]) -> bytes | None: ...
+    def publish(self, key: Mapping[str, str], data: bytes) -> None: ...
+
+
 class StatsCache:
     """Second moments on disk, one safetensors file each, under
-    ``root / <model fingerprint> /``; and in memory once read."""
+    ``root / <model fingerprint> /``; and in memory once read. With ``shared``, a
+    file missing here is looked for there before it is computed, and a computed one
+    is offered there."""
 
-    def __init__(self, root: Path | str, model_fingerprint: str) -> None:
+    def __init__(
+        self, root: Path | str, model_fingerprint: str, shared: SharedStats | None = None
+    ) -> None:
         if not re.fullmatch(r"[A-Za-z0-9._-]+", model_fingerprint):
             raise StatsError(f"model fingerprint {model_fingerprint!r} is not filename-safe")
+        self.fingerprint = model_fingerprint
         self.dir = Path(root) / model_fingerprint
+        self.shared = shared
         self._memory: dict[Path, torch.Tensor] = {}
+
+    def key(
+        self, param: str, corpus: str, n_samples: int, sample_tokens: int, seed: int
+    ) -> dict[str, str]:
+        """What names one statistics file wherever it is kept (:class:`SharedStats`)."""
+        return {
+            "fingerprint": self.fingerprint,
+            "param": param,
+            "corpus": corpus,
+            "n_samples": str(n_samples),
+            "sample_tokens": str(sample_tokens),
+            "seed": str(seed),
+        }
+
+    def _from_shared(self, key: Mapping[str, str], path: Path) -> torch.Tensor | None:
+        blob = self.shared.fetch(key) if self.shared is not None else None
+        if blob is None:
+            return None
+        tensor = load(blob)["mom2"]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_atomically(blob, path)
+        log.info("statistics of %s read from the shared store", key["param"])
+        return tensor
 
     def path(self, param: str, corpus: str, n_samples: int, sample_tokens: int, seed: int) -> Path:
         slug = parse_corpus(corpus).slug
@@ -375,6 +416,12 @@ class StatsCache:
                 out[p] = self._memory[path]
             elif path.is_file():
                 self._memory[path] = out[p] = load_file(str(path))["mom2"]
+            elif (
+                found := self._from_shared(
+                    self.key(p, corpus, n_samples, sample_tokens, seed), path
+                )
+            ) is not None:
+                self._memory[path] = out[p] = found
             else:
                 missing.append(p)
         if missing:
@@ -398,6 +445,9 @@ class StatsCache:
                 }
                 _save_atomically({"mom2": c.contiguous()}, meta, path)
                 self._memory[path] = out[p] = c
+                if self.shared is not None:
+                    key = self.key(p, corpus, n_samples, sample_tokens, seed)
+                    self.shared.publish(key, path.read_bytes())
         yield 1.0, "statistics ready"
         return {p: out[p] for p in params}
 
@@ -407,6 +457,17 @@ def _save_atomically(tensors: dict[str, torch.Tensor], meta: dict[str, str], pat
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_atomically(data: bytes, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

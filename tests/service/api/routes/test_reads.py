@@ -215,6 +215,9 @@ def test_a_read_waits_longer_than_a_command_timeout_behind_busy_work(
         ({"prompts": "a", "targets": ["x"]}, "prompts"),
         ({"targets": ["x"]}, "prompts"),
         ({"prompts": ["a"], "targets": ["x"], "temperature": 1}, "temperature"),
+        ({"prompts": ["a"], "targets": ["x"], "version": 7}, "version"),  # no such version
+        ({"prompts": ["a"], "targets": ["x"], "version": True}, "version"),
+        ({"prompts": ["a"], "targets": ["x"], "version": -1}, "version"),
     ],
 )
 def test_invalid_score_is_422(
@@ -234,6 +237,7 @@ def test_invalid_score_is_422(
         ({"prompt": "Hi", "max_new_tokens": "many"}, "max_new_tokens"),
         ({"prompt": "", "max_new_tokens": 3}, "prompt"),
         ({"max_new_tokens": 3}, "prompt"),
+        ({"prompt": "Hi", "version": 7}, "version"),
     ],
 )
 def test_invalid_generate_is_422(
