@@ -3,7 +3,8 @@
 The API caps every text at :data:`service.validation.MAX_TEXT` characters, but only
 the worker holds the tokenizer. Before a job computes anything, the worker counts the
 tokens of every text it would run through the model and refuses one that is longer
-than ``max_prompt_tokens`` (a setting) or than the model's context:
+than ``max_prompt_tokens`` (a setting) or than the model's context (for an edit,
+less the context templates the methods put before it):
 
 - an edit request: ``prompt.format(subject) + " " + target`` for ``target_new`` and
   ``target_true``, each paraphrase prompt with ``target_new`` and each neighbourhood
@@ -45,6 +46,17 @@ def token_limit(model: Any, max_prompt_tokens: int) -> int:
     """The most tokens one text may have: the setting, within the model's context."""
     context = context_length(model)
     return max_prompt_tokens if context is None else min(max_prompt_tokens, context)
+
+
+def edit_limit(model: Any, max_prompt_tokens: int, hparams: Any) -> int:
+    """:func:`token_limit` for an edit's texts, which the methods also run behind a
+    context template of up to ``max(length)`` of ``context_template_length_params``
+    tokens (and one to join them)."""
+    lengths = [length for length, _ in getattr(hparams, "context_template_length_params", ())]
+    context = context_length(model)
+    if context is None or not lengths:
+        return token_limit(model, max_prompt_tokens)
+    return max(1, min(max_prompt_tokens, context - max(lengths) - 1))
 
 
 def count(tokenizer: Any, text: str) -> int:

@@ -103,7 +103,7 @@ def run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
         with state.ledger() as s:
             pending = ledger_edits.pending_edits(s, active)
         with_edits = {e.job_id for e in pending}
-        refused = _too_long(state, [e for e in pending if e.job_id not in checked])
+        refused = _too_long(state, hparams, [e for e in pending if e.job_id not in checked])
         checked.update(with_edits)
         if refused:
             for j, exc in refused.items():
@@ -161,11 +161,13 @@ def run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
         return ledger_jobs.get_job(s, job_id).result
 
 
-def _too_long(state: WorkerState, pending: Sequence[Edit]) -> dict[str, tokens.PromptTooLong]:
+def _too_long(
+    state: WorkerState, hparams: Any, pending: Sequence[Edit]
+) -> dict[str, tokens.PromptTooLong]:
     """The jobs among ``pending``'s with a text longer than the worker takes in tokens
     (:mod:`workers.tokens`), each with its first such text."""
     rt = state.runtime
-    limit = tokens.token_limit(rt.model, state.settings.max_prompt_tokens)
+    limit = tokens.edit_limit(rt.model, state.settings.max_prompt_tokens, hparams)
     refused: dict[str, tokens.PromptTooLong] = {}
     index: dict[str, int] = {}
     for e in pending:

@@ -101,3 +101,18 @@ def test_generate_must_fit_the_models_context(tiny_dir: Path) -> None:
         tokens.check_generate(tok, model, "Mozart was born in", context, 10**6)
     assert refused.value.field == "max_new_tokens"
     tokens.check_generate(tok, model, "Mozart was born in", 2, 10**6)
+
+
+def test_an_edits_limit_leaves_room_for_the_context_templates(tiny_dir: Path) -> None:
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_dir)
+    model = SimpleNamespace(config=config)
+    context = tokens.context_length(model)
+    assert context is not None
+    templates = SimpleNamespace(context_template_length_params=((5, 2), (10, 3)))
+    assert tokens.edit_limit(model, 10**6, templates) == context - 11
+    assert tokens.edit_limit(model, 8, templates) == 8
+    assert tokens.edit_limit(model, 10**6, SimpleNamespace()) == context
