@@ -42,25 +42,14 @@ class WriterLease:
         """Take the lease if nobody holds it; True if this worker holds it now."""
         if self.held():
             return True
-        try:
-            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        except SQLAlchemyError as exc:
-            log.warning("writer lease of model %d: the ledger did not answer (%s)",
-                        self.model_id, exc)  # fmt: skip
+        self._conn = _lock_on_own_connection(
+            self.engine,
+            "SELECT pg_try_advisory_lock(:ns, :model)",
+            {"ns": NAMESPACE, "model": self.model_id},
+            f"writer lease of model {self.model_id}",
+        )
+        if self._conn is None:
             return False
-        try:
-            got = conn.execute(
-                text("SELECT pg_try_advisory_lock(:ns, :model)"),
-                {"ns": NAMESPACE, "model": self.model_id},
-            ).scalar_one()
-        except SQLAlchemyError as exc:
-            conn.close()
-            log.warning("writer lease of model %d: %s", self.model_id, exc)
-            return False
-        if not got:
-            conn.close()
-            return False
-        self._conn = conn
         log.info("took the writer lease of model %d", self.model_id)
         return True
 
@@ -93,6 +82,28 @@ class WriterLease:
                 conn.close()
 
 
+def _lock_on_own_connection(
+    engine: Engine, sql: str, params: dict[str, object], what: str
+) -> Connection | None:
+    """A new connection holding the advisory lock that ``sql`` tries, or None when it
+    is held elsewhere or the ledger did not answer."""
+    try:
+        conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    except SQLAlchemyError as exc:
+        log.warning("%s: the ledger did not answer (%s)", what, exc)
+        return None
+    try:
+        got = conn.execute(text(sql), params).scalar_one()
+    except SQLAlchemyError as exc:
+        conn.close()
+        log.warning("%s: %s", what, exc)
+        return None
+    if not got:
+        conn.close()
+        return None
+    return conn
+
+
 class JobClaim:
     """``with JobClaim(engine, job_id) as claimed:`` holds an advisory lock on the job
     while its block runs, on a connection of its own, so that PostgreSQL frees it when
@@ -110,25 +121,13 @@ class JobClaim:
         self._conn: Connection | None = None
 
     def __enter__(self) -> bool:
-        try:
-            conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        except SQLAlchemyError as exc:
-            log.warning("claim on job %s: the ledger did not answer (%s)", self.job_id, exc)
-            return False
-        try:
-            got = conn.execute(
-                text("SELECT pg_try_advisory_lock(:ns, hashtext(:job))"),
-                {"ns": JOB_NAMESPACE, "job": self.job_id},
-            ).scalar_one()
-        except SQLAlchemyError as exc:
-            conn.close()
-            log.warning("claim on job %s: %s", self.job_id, exc)
-            return False
-        if not got:
-            conn.close()
-            return False
-        self._conn = conn
-        return True
+        self._conn = _lock_on_own_connection(
+            self.engine,
+            "SELECT pg_try_advisory_lock(:ns, hashtext(:job))",
+            {"ns": JOB_NAMESPACE, "job": self.job_id},
+            f"claim on job {self.job_id}",
+        )
+        return self._conn is not None
 
     def __exit__(
         self,
