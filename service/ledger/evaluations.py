@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from service.errors import NotFound
 from service.jsonsafe import json_safe
+from service.ledger import events
 from service.ledger.edits import chain_edits
 from service.ledger.jobs import add_job, create_rollback_job
 from service.ledger.models import get_model, head_version_number, model_policies
@@ -296,7 +297,12 @@ def store_result(
             finished_at=utcnow(),
         )
     )
+    events.add(session, ev.model_id, "evaluation",
+               {k: v for k, v in result.items() if k != "alert"}, job_id)  # fmt: skip
+    events.jobs_status(session, [job_id], JobStatus.succeeded)
     if alert is not None:
+        events.add(session, ev.model_id, "alert",
+                   {"evaluation_id": evaluation_id, "suite": ev.suite, **alert}, job_id)  # fmt: skip
         log.warning("evaluation %d raised an alert: %s", evaluation_id, alert)
     return result, rollback_job
 

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from service.ledger import events
 from service.ledger.models import get_model
 from service.ledger.paging import Page, check_limit, decode_cursor, page
 from service.ledger.tables import GuardDecision, Version, VersionKind
@@ -98,6 +99,10 @@ def record_decision(
     )
     session.add(row)
     session.flush()
+    if not accepted:
+        events.add(session, model_id, "rejection",
+                   {"job_id": job_id, "rules": list(rules), "reason": reason,
+                    "parent": parent_number, "edit_ids": row.edit_ids}, job_id)  # fmt: skip
     return row
 
 

@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session, joinedload
 
 from service.errors import InvalidInput, NotFound
+from service.ledger import events
 from service.ledger.lease import claimed_elsewhere
 from service.ledger.models import get_model, require_version
 from service.ledger.tables import (
@@ -42,6 +43,7 @@ def add_job(session: Session, model_id: int, kind: JobKind, payload: dict[str, A
     job = Job(model_id=model_id, kind=kind, status=JobStatus.queued, progress=0.0, payload=payload)
     session.add(job)
     session.flush()
+    events.job_status(session, job)
     return job
 
 
@@ -188,15 +190,25 @@ def start_job(session: Session, job_id: str, model_id: int) -> Job | None:
             log.info("entry of job %s runs the older queued job %s first", job_id, job.id)
     job.status = JobStatus.running
     job.started_at = job.started_at or utcnow()
+    events.job_status(session, job)
     return job
 
 
-def set_progress(session: Session, job_ids: Sequence[str], fraction: float, message: str) -> None:
-    session.execute(
+def set_progress(
+    session: Session, job_ids: Sequence[str], fraction: float, message: str
+) -> set[str]:
+    """The jobs' progress, which only moves forward while a job runs (a report below
+    the last one keeps the last); returns the jobs an operator asked to cancel."""
+    fraction, message = max(0.0, min(1.0, fraction)), message[:500]
+    rows = session.execute(
         update(Job)
         .where(Job.id.in_(list(job_ids)))
-        .values(progress=max(0.0, min(1.0, fraction)), message=message[:500])
-    )
+        .values(progress=func.greatest(Job.progress, fraction), message=message)
+        .returning(Job.id, Job.progress, Job.cancel_requested)
+    ).all()
+    for job_id, now, _ in rows:
+        events.progress(session, [job_id], now, message)
+    return {job_id for job_id, _, cancel in rows if cancel}
 
 
 def finish(session: Session, job_ids: Sequence[str], result: dict[str, Any] | None) -> None:
@@ -209,11 +221,13 @@ def finish(session: Session, job_ids: Sequence[str], result: dict[str, Any] | No
     }
     if result is not None:
         values["result"] = result
-    session.execute(
+    done = session.scalars(
         update(Job)
         .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.running)
         .values(**values)
-    )
+        .returning(Job.id)
+    ).all()
+    events.jobs_status(session, done, JobStatus.succeeded)
 
 
 UNFINISHED = (JobStatus.queued, JobStatus.running)
@@ -233,6 +247,7 @@ def fail(session: Session, job_id: str, reason: str) -> bool:
     if not failed:
         log.warning("job %s is finished already; not failing it (%s)", job_id, reason)
         return False
+    events.jobs_status(session, [job_id], JobStatus.failed, error=reason)
     session.execute(
         update(Edit)
         .where(Edit.job_id == job_id, Edit.status == EditStatus.queued)
@@ -331,6 +346,8 @@ def put_back(session: Session, job: Job, message: str) -> None:
     applied edits stay applied, its queued ones run again."""
     job.status = JobStatus.queued
     job.message = message
+    job.progress = 0.0
+    events.job_status(session, job, message=message)
     if job.kind is JobKind.evaluation:
         session.execute(
             update(Evaluation).where(Evaluation.job_id == job.id).values(status=JobStatus.queued)

@@ -59,7 +59,7 @@ def decode_cursor(cursor: str | None, kind: str) -> Any:
         after = data["a"]
         shape_ok = (
             _is_int(after)
-            if kind in ("edits", "versions", "guard_decisions")
+            if kind in ("edits", "versions", "guard_decisions", "jobs")
             else isinstance(after, list) and len(after) == 2 and all(map(_is_int, after))
         )
         ok = data["k"] == kind and shape_ok

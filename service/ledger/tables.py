@@ -44,6 +44,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import false as sql_false
 from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -79,6 +80,7 @@ class JobStatus(str, enum.Enum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
+    cancelled = "cancelled"
 
 
 class EditStatus(str, enum.Enum):
@@ -87,6 +89,7 @@ class EditStatus(str, enum.Enum):
     rejected = "rejected"
     failed = "failed"
     reverted = "reverted"
+    cancelled = "cancelled"
 
 
 class VersionKind(str, enum.Enum):
@@ -141,8 +144,17 @@ class Job(Base):
     request_sha256: Mapped[str | None] = mapped_column(String(64))
     # the name of the API key that asked for it (None: no keys were defined)
     requested_by: Mapped[str | None] = mapped_column(String(64))
+    # an operator asked to cancel it while it ran: the worker stops at a safe point
+    cancel_requested: Mapped[bool] = mapped_column(
+        Boolean, default=False, server_default=sql_false()
+    )
+    # the order jobs were created in (newest-first pages of GET /v1/jobs)
+    seq: Mapped[int] = mapped_column(
+        BigInteger, server_default=sql_text("nextval('jobs_seq_seq'::regclass)")
+    )
 
     __table_args__ = (
+        Index("uq_jobs_seq", "seq", unique=True),
         Index(
             "uq_jobs_model_idempotency_key",
             "model_id",
@@ -330,3 +342,22 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Event(Base):
+    """Something that happened to a job or a model, in order (``id``): a job's
+    status and progress, a new version, a guard rejection, an evaluation and its
+    alerts. The Server-Sent Events streams read these (service/ledger/events.py)."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_job_id_id", "job_id", "id"),
+        Index("ix_events_model_id_id", "model_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    data: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

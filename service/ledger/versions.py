@@ -19,6 +19,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from service.errors import Conflict
+from service.ledger import events
 from service.ledger.models import get_model
 from service.ledger.paging import Page, check_limit, decode_cursor, page
 from service.ledger.records import VersionRecord
@@ -196,4 +197,7 @@ def add_version(session: Session, model_id: int, new: NewVersion) -> Version:
     )
     session.add(version)
     session.flush()
+    events.add(session, model_id, "version",
+               {"number": new.number, "kind": new.kind.value, "parent": new.parent_number,
+                "job_id": new.job_id}, new.job_id)  # fmt: skip
     return version

@@ -25,7 +25,7 @@ from service.schemas.evaluations import (
     EvaluationPublic,
     EvaluationsPublic,
 )
-from service.schemas.jobs import JobCreated, JobPublic
+from service.schemas.jobs import EventPublic, JobCreated, JobPage, JobPublic
 from service.schemas.models import ModelPublic, PolicyUpdate
 from service.schemas.reads import (
     DEFAULT_NEW_TOKENS,
@@ -64,6 +64,8 @@ __all__ = [
     "GuardDecisionPublic",
     "GuardDecisionsPublic",
     "JobCreated",
+    "EventPublic",
+    "JobPage",
     "JobPublic",
     "ModelPublic",
     "PolicyUpdate",

@@ -30,3 +30,21 @@ class JobPublic(Public):
     started_at: datetime | None
     finished_at: datetime | None
     requested_by: str | None = Field(None, description="the name of the API key that asked for it")
+    cancel_requested: bool = Field(
+        False, description="an operator asked to cancel it while it ran: it stops at a safe point"
+    )
+
+
+class JobPage(Public):
+    items: list[JobPublic]
+    next_cursor: str | None
+
+
+class EventPublic(Public):
+    """One event of a job's or a model's stream (the ``data:`` line of an SSE event)."""
+
+    id: int
+    kind: str = Field(description="status, progress, version, rejection, evaluation or alert")
+    job_id: str | None
+    data: dict[str, Any]
+    created_at: datetime

@@ -23,7 +23,7 @@ from service.ledger import jobs as ledger_jobs
 from service.ledger.lease import JobClaim
 from service.ledger.tables import JobKind
 from workers.jobs import edit, evaluation, reads, rollback
-from workers.jobs.common import fail, finish, is_ledger_outage, wait_for_ledger
+from workers.jobs.common import JobCancelled, fail, finish, is_ledger_outage, wait_for_ledger
 from workers.startup import sync_to_head
 from workers.state import WorkerState, needs_state
 
@@ -42,6 +42,9 @@ def run_job(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     """
     try:
         return _run(state, job_id)
+    except JobCancelled as exc:
+        log.info("job %s stopped: %s", job_id, exc)
+        return None
     except Exception as exc:
         if not is_ledger_outage(exc):
             raise

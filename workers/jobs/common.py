@@ -1,5 +1,6 @@
-"""What every job does with the ledger: report progress, finish, fail. Thin: the
-SQL is :mod:`service.ledger.jobs`'s."""
+"""What every job does with the ledger: report progress, finish, fail, stop when an
+operator cancels it. Thin: the SQL is :mod:`service.ledger.jobs`'s and
+:mod:`service.ledger.job_control`'s."""
 
 from __future__ import annotations
 
@@ -11,18 +12,51 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 
+from service.ledger import job_control
 from service.ledger import jobs as ledger_jobs
 from workers.state import WorkerState
 
 log = logging.getLogger(__name__)
 
 
+class JobCancelled(Exception):
+    """An operator cancelled these running jobs: raised at a safe point (a progress
+    report before the version's commit), so that the pipeline discards the update."""
+
+    def __init__(self, job_ids: Sequence[str]) -> None:
+        super().__init__(f"cancelled by an operator: {', '.join(job_ids)}")
+        self.job_ids = list(job_ids)
+
+
 def progress(
-    state: WorkerState, job_ids: str | Sequence[str], fraction: float, message: str
+    state: WorkerState,
+    job_ids: str | Sequence[str],
+    fraction: float,
+    message: str,
+    *,
+    stoppable: bool = True,
 ) -> None:
+    """Report the jobs' progress. When ``stoppable`` and an operator asked to cancel
+    every one of them, raise :class:`JobCancelled` (the caller is at a safe point)."""
     ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
     with state.ledger() as s:
-        ledger_jobs.set_progress(s, ids, fraction, message)
+        asked = ledger_jobs.set_progress(s, ids, fraction, message)
+    if stoppable and ids and asked >= set(ids):
+        raise JobCancelled(sorted(asked))
+
+
+def cancelled(state: WorkerState, job_ids: Sequence[str]) -> list[str]:
+    """End these running jobs as cancelled (their committed versions stay)."""
+    with state.ledger() as s:
+        done = job_control.cancelled(s, job_ids, job_control.CANCELLED_BY_OPERATOR)
+    if done:
+        log.info("jobs %s cancelled by an operator", done)
+    return done
+
+
+def cancel_requested(state: WorkerState, job_ids: Sequence[str]) -> set[str]:
+    with state.ledger() as s:
+        return job_control.cancel_requested(s, job_ids)
 
 
 def finish(state: WorkerState, job_ids: Sequence[str], result: dict[str, Any] | None) -> None:
@@ -75,6 +109,9 @@ def fail(state: WorkerState, job_id: str, exc: BaseException) -> None:
     puts the job back."""
     if is_ledger_outage(exc):
         raise exc
+    if isinstance(exc, JobCancelled):
+        cancelled(state, exc.job_ids)
+        return
     reason = reason_of(exc)
     log.error("job %s failed: %s", job_id, reason)
     with state.ledger() as s:

@@ -44,7 +44,7 @@ from workers.evaluation.scoring import counterfact_scores
 from workers.evaluation.scoring import generate as greedy_generate
 from workers.jobs import evaluation
 from workers.jobs import guard as job_guard
-from workers.jobs.common import fail, finish, progress
+from workers.jobs.common import JobCancelled, cancel_requested, cancelled, fail, finish, progress
 from workers.runtime import Staged
 from workers.startup import (
     CODE_VERSION,
@@ -100,6 +100,10 @@ def run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     checked: set[str] = set()  # jobs whose texts were counted in tokens
     while True:
         active = [j for j in batching.held if j not in failed and j not in done]
+        stopped = cancel_requested(state, active)  # a safe point: between two batches
+        if stopped:
+            done += cancelled(state, sorted(stopped))
+            active = [j for j in active if j not in stopped]
         with state.ledger() as s:
             pending = ledger_edits.pending_edits(s, active)
         with_edits = {e.job_id for e in pending}
@@ -133,6 +137,9 @@ def run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
             sync_to_head(state)
             extra = None if wait_s is None else {"batch_wait_s": wait_s}
             _apply_batch(state, jobs[0], editor, method, hparams, batch, report, extra)
+        except JobCancelled as exc:  # stopped inside its own batch, before the commit
+            done += cancelled(state, exc.job_ids)
+            continue
         except Exception as exc:
             if len(jobs) > 1 and not isinstance(exc, JobTimeoutException):
                 log.warning(
@@ -248,7 +255,7 @@ class _Batching:
                 continue
             if not told:
                 msg = f"waiting up to {state.spec.max_wait_ms} ms for more edits"
-                progress(state, self.job_id, 0.0, msg)
+                progress(state, self.job_id, 0.0, msg, stoppable=False)
                 told = True
             time.sleep(min(_POLL_S, deadline - now))
         seconds = time.monotonic() - t0

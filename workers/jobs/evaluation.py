@@ -45,7 +45,7 @@ from service.ledger import versions as ledger_versions
 from service.redis_clients import command_client
 from service.suites import resolve_data_path
 from workers.evaluation.suites import load_suite
-from workers.jobs.common import fail, progress, reason_of
+from workers.jobs.common import JobCancelled, fail, progress, reason_of
 from workers.state import WorkerState
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ def check_result(raw: Any) -> tuple[dict[str, float], dict[str, Any]]:
 
 def _fail(state: WorkerState, job_id: str, exc: BaseException) -> None:
     fail(state, job_id, exc)
+    if isinstance(exc, JobCancelled):
+        return  # cancelled with its evaluation row
     with state.ledger() as s:
         ledger_evaluations.fail_evaluation(s, job_id, reason_of(exc))
 

@@ -1,6 +1,15 @@
 """One router per resource; :mod:`service.api.main` includes them all."""
 
-from service.api.routes import edits, evaluations, health, jobs, models, reads, versions
+from service.api.routes import (
+    edits,
+    evaluations,
+    events,
+    health,
+    jobs,
+    models,
+    reads,
+    versions,
+)
 
 ROUTERS = [
     health.router,
@@ -10,4 +19,5 @@ ROUTERS = [
     versions.router,
     evaluations.router,
     reads.router,
+    events.router,
 ]

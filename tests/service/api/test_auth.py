@@ -37,7 +37,14 @@ ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None, int]] = {
     ("GET", "/v1/models/{model}/alerts"): ("reads", None, 200),
     ("POST", "/v1/models/{model}/score"): ("reads", {"prompts": ["a"], "targets": ["b"]}, 503),
     ("POST", "/v1/models/{model}/generate"): ("reads", {"prompt": "a"}, 503),
+    ("GET", "/v1/jobs"): ("reads", None, 200),
+    # either scope may ask; which one a job needs depends on its kind (test below)
+    ("POST", "/v1/jobs/{job_id}/cancel"): ("edits:write|evaluations", None, 404),
+    ("GET", "/v1/jobs/{job_id}/events"): ("reads", None, 404),
+    ("GET", "/v1/models/{model}/events"): ("reads", None, 200),
 }
+# query strings the calls need (an endless stream that ends at once)
+QUERY = {("GET", "/v1/models/{model}/events"): "?follow=false"}
 OPEN = {("GET", "/healthz"), ("GET", "/healthz/workers")}
 
 
@@ -56,7 +63,7 @@ def keys(client: TestClient, clean_db: Engine) -> dict[str, str]:
 
 def _call(client: TestClient, route: tuple[str, str], secret: str | None) -> Any:
     method, template = route
-    path = template.format(model=MODEL, job_id=JOB, evaluation_id=1)
+    path = template.format(model=MODEL, job_id=JOB, evaluation_id=1) + QUERY.get(route, "")
     body = ROUTES[route][1]
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     return client.request(method, path, json=body, headers=headers)
@@ -82,14 +89,35 @@ def test_every_route_needs_a_key_with_its_scope(
     assert missing.headers["WWW-Authenticate"] == "Bearer"
     for bad in ("mk_not-a-key", keys["revoked"], "not-even-the-prefix"):
         assert _call(client, route, bad).status_code == 401
+    scopes = scope.split("|")
     for other in ledger_keys.SCOPES:
-        if other not in (scope, "admin"):
+        if other not in (*scopes, "admin"):
             wrong = _call(client, route, keys[other])
             assert wrong.status_code == 403, (other, wrong.text)
-            assert scope in wrong.json()["detail"]
-    for allowed in (scope, "admin"):
+            assert all(s in wrong.json()["detail"] for s in scopes)
+    for allowed in (*scopes, "admin"):
         resp = _call(client, route, keys[allowed])
         assert resp.status_code == success, (allowed, resp.text)
+
+
+def test_cancelling_a_job_needs_the_scope_of_its_kind(
+    client: TestClient, keys: dict[str, str]
+) -> None:
+    def bearer(scope: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {keys[scope]}"}
+
+    edit = client.post(f"/v1/models/{MODEL}/edits", json=edit_body(), headers=bearer("edits:write"))
+    ev = client.post(f"/v1/models/{MODEL}/evaluations", json={"suite": "retention"},
+                     headers=bearer("evaluations"))  # fmt: skip
+    edit_id, ev_id = edit.json()["job_id"], ev.json()["job_id"]
+    refused = client.post(f"/v1/jobs/{edit_id}/cancel", headers=bearer("evaluations"))
+    assert refused.status_code == 403 and "edits:write" in refused.json()["detail"]
+    refused = client.post(f"/v1/jobs/{ev_id}/cancel", headers=bearer("edits:write"))
+    assert refused.status_code == 403 and "'evaluations'" in refused.json()["detail"]
+    ok = client.post(f"/v1/jobs/{edit_id}/cancel", headers=bearer("edits:write"))
+    assert ok.status_code == 200 and ok.json()["status"] == "cancelled"
+    ok = client.post(f"/v1/jobs/{ev_id}/cancel", headers=bearer("evaluations"))
+    assert ok.status_code == 200 and ok.json()["status"] == "cancelled"
 
 
 def test_health_stays_open(client: TestClient, keys: dict[str, str]) -> None:

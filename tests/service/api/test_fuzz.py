@@ -34,7 +34,8 @@ READS = ("/v1/models/{model}/score", "/v1/models/{model}/generate")
 
 @pytest.fixture
 def url(api_settings: Settings, clean_db: Engine, redis_conn: object) -> Iterator[str]:
-    with serve(api_settings) as base:
+    # the event streams run until they close: a second here (tests/workers/jobs/test_job_control.py)
+    with serve(api_settings.model_copy(update={"event_stream_max_s": 1.0})) as base:
         yield base
 
 
