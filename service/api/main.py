@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.exc import DataError, SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import VERSION, ledger, queue
+from service import VERSION, ledger, metrics, queue
 from service.api.deps import BACKEND_RETRY_AFTER_S
 from service.api.limits import BodyLimit
 from service.api.routes import ROUTERS
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.sessions = sessions
             app.state.redis = redis
             app.state.reads_redis = reads_redis
+            app.state.metrics = metrics.registry_for(sessions, redis, settings)
             yield
         finally:
             redis.close()

@@ -1,18 +1,21 @@
 """Open to every client, with or without an API key: ``GET /healthz`` (do the ledger
-database and Redis answer?) and ``GET /healthz/workers`` (what each configured
+database and Redis answer?), ``GET /healthz/workers`` (what each configured
 model's worker is doing: what ``memedit up`` polls while the worker starts, and what a
-load balancer or an orchestrator's readiness probe needs)."""
+load balancer or an orchestrator's readiness probe needs) and ``GET /metrics``
+(Prometheus, :mod:`service.metrics`)."""
 
 from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from service import metrics
 from service.api.deps import (
     BACKEND_RETRY_AFTER_S,
     RedisDep,
@@ -57,3 +60,15 @@ def healthz_workers(redis: RedisDep, settings: SettingsDep) -> dict[str, WorkerP
     ``progress``, ``ready``, ``no worker``, or ``unknown`` when Redis does not answer;
     ``message`` says whether it is the writer or a replica). Needs no key."""
     return {name: worker_of(redis, settings, name) for name in sorted(settings.models)}
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text"}},
+)
+def prometheus_metrics(request: Request) -> Response:
+    """Prometheus metrics (the text exposition format), read from the ledger and Redis
+    at each scrape; docs/operations.md lists them. Needs no key."""
+    body = metrics.exposition(request.app.state.metrics)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

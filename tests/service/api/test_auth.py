@@ -45,7 +45,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None, int]] = {
 }
 # query strings the calls need (an endless stream that ends at once)
 QUERY = {("GET", "/v1/models/{model}/events"): "?follow=false"}
-OPEN = {("GET", "/healthz"), ("GET", "/healthz/workers")}
+OPEN = {("GET", "/healthz"), ("GET", "/healthz/workers"), ("GET", "/metrics")}
 
 
 @pytest.fixture
@@ -123,6 +123,7 @@ def test_cancelling_a_job_needs_the_scope_of_its_kind(
 def test_health_stays_open(client: TestClient, keys: dict[str, str]) -> None:
     assert client.get("/healthz").status_code == 200
     assert client.get("/healthz/workers").status_code == 200
+    assert client.get("/metrics").status_code == 200
 
 
 def test_the_ledger_records_which_key_asked(client: TestClient, keys: dict[str, str]) -> None:

@@ -10,6 +10,11 @@ def test_openapi_lists_the_contract(client: TestClient) -> None:
     assert set(paths) == {
         "/healthz",
         "/healthz/workers",
+        "/metrics",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/events",
+        "/v1/models/{model}/events",
         "/v1/models",
         "/v1/models/{model}/edits",
         "/v1/jobs/{job_id}",
