@@ -9,11 +9,12 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import String, cast, func, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from service.errors import InvalidInput
-from service.ledger.models import get_model
-from service.ledger.paging import Page, check_limit, decode_cursor, page
+from service.ledger import history
+from service.ledger.history import EditFilter
+from service.ledger.paging import Page
 from service.ledger.tables import Edit, EditStatus, Version
 
 log = logging.getLogger(__name__)
@@ -26,25 +27,14 @@ def list_edits(
     limit: int = 50,
     cursor: str | None = None,
 ) -> Page[Edit]:
-    """A page of the model's edits by ascending id, optionally of one status.
+    """A page of the model's edits by ascending id, optionally of one status
+    (:func:`service.ledger.history.list_edits` has every filter).
 
     Each edit's ``version`` relationship is loaded (its number is the version
     that applied it).
     """
-    model = get_model(session, model_name)
-    check_limit(limit)
-    after = decode_cursor(cursor, "edits")
-    query = select(Edit).where(Edit.model_id == model.id)
-    if status is not None:
-        query = query.where(Edit.status == _edit_status(status))
-    if after is not None:
-        query = query.where(Edit.id > after)
-    rows = list(
-        session.scalars(
-            query.options(selectinload(Edit.version)).order_by(Edit.id).limit(limit + 1)
-        )
-    )
-    return page(rows, limit, "edits", lambda e: e.id)
+    where = EditFilter(status=None if status is None else _edit_status(status))
+    return history.list_edits(session, model_name, where, limit=limit, cursor=cursor)
 
 
 def _edit_status(status: EditStatus | str) -> EditStatus:

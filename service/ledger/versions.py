@@ -19,9 +19,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Session
 
 from service.errors import Conflict
-from service.ledger import events
-from service.ledger.models import get_model
-from service.ledger.paging import Page, check_limit, decode_cursor, page
+from service.ledger import events, history
+from service.ledger.paging import Page
 from service.ledger.records import VersionRecord
 from service.ledger.tables import Artifact, ArtifactKind, Job, Version, VersionKind
 
@@ -31,15 +30,9 @@ log = logging.getLogger(__name__)
 def list_versions(
     session: Session, model_name: str, limit: int = 50, cursor: str | None = None
 ) -> Page[Version]:
-    """A page of the model's versions by ascending number."""
-    model = get_model(session, model_name)
-    check_limit(limit)
-    after = decode_cursor(cursor, "versions")
-    query = select(Version).where(Version.model_id == model.id)
-    if after is not None:
-        query = query.where(Version.number > after)
-    rows = list(session.scalars(query.order_by(Version.number).limit(limit + 1)))
-    return page(rows, limit, "versions", lambda v: v.number)
+    """A page of the model's versions by ascending number
+    (:func:`service.ledger.history.list_versions` has the filters)."""
+    return history.list_versions(session, model_name, limit=limit, cursor=cursor)
 
 
 # -- the worker's side -------------------------------------------------------------------

@@ -38,6 +38,8 @@ from service.schemas.versions import (
     GuardDecisionPublic,
     GuardDecisionsPublic,
     RollbackCreate,
+    SeriesPublic,
+    VersionDetailPublic,
     VersionPublic,
     VersionsPublic,
 )
@@ -72,6 +74,8 @@ __all__ = [
     "RollbackCreate",
     "ScoreRequest",
     "ScoreResponse",
+    "SeriesPublic",
+    "VersionDetailPublic",
     "VersionPublic",
     "VersionsPublic",
     "WorkerPublic",

@@ -20,6 +20,7 @@ from service.schemas.common import (
     StrList,
     VersionNumber,
 )
+from service.schemas.edits import EditPublic
 
 
 class VersionPublic(Public):
@@ -76,3 +77,27 @@ class GuardDecisionPublic(Public):
 class GuardDecisionsPublic(Public):
     items: list[GuardDecisionPublic]
     next_cursor: str | None
+
+
+class SeriesPublic(Public):
+    """A time series over versions, as a chart draws it."""
+
+    name: str = Field(description="drift, update_norm, edit_scores or evaluations")
+    x: list[int] = Field(description="version numbers")
+    series: dict[str, list[float | None]] = Field(
+        description="one list per series, aligned with x (null: no value at that version)"
+    )
+    thresholds: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="evaluations: the model's policy thresholds per metric ({min?, max?})",
+    )
+
+
+class VersionDetailPublic(VersionPublic):
+    """One version with the edits it applied and the guard's decision on it."""
+
+    info: JsonDict = Field(description="the code version, drift_relative and other notes")
+    edits: list[EditPublic] = Field(description="the edits this version applied")
+    guard_decision: GuardDecisionPublic | None = Field(
+        description="the guard's judgement of this version's update (null: none, e.g. a rollback)"
+    )

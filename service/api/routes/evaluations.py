@@ -9,6 +9,7 @@ from fastapi import status as http
 
 from service import ledger
 from service.api.auth import Evaluations, Reads
+from service.api.csvout import CSV_RESPONSE, Format, csv_response
 from service.api.deps import ERRORS, WORK_ERRORS, BackendsDep, Cursor, Limit, SessionDep
 from service.ledger.tables import Evaluation
 from service.schemas import (
@@ -53,7 +54,11 @@ def create_evaluation(
     )
 
 
-@router.get("/v1/models/{model}/evaluations", responses=ERRORS)
+@router.get(
+    "/v1/models/{model}/evaluations",
+    responses={**ERRORS, **CSV_RESPONSE},
+    response_model=EvaluationsPublic,
+)
 def list_evaluations(
     model: str,
     session: SessionDep,
@@ -63,14 +68,16 @@ def list_evaluations(
     details: Annotated[bool, Query(description="include each run's details")] = False,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> EvaluationsPublic:
+    format: Format = "json",
+) -> EvaluationsPublic | Response:
     """The model's evaluations as a time series: by version, then in the order asked."""
     page = ledger.list_evaluations(
         session, model, suite, version=version, limit=limit, cursor=cursor
     )
-    return EvaluationsPublic(
-        items=[_public(e, details) for e in page.items], next_cursor=page.next_cursor
-    )
+    items = [_public(e, details) for e in page.items]
+    if format == "csv":
+        return csv_response(items, page.next_cursor, f"{model}-evaluations")
+    return EvaluationsPublic(items=items, next_cursor=page.next_cursor)
 
 
 @router.get("/v1/models/{model}/evaluations/{evaluation_id}", responses=ERRORS)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 
 from service import ledger
 from service.api.auth import Caller, allows, requires
+from service.api.csvout import CSV_RESPONSE, Format, csv_response
 from service.api.deps import ERRORS, Cursor, Limit, SessionDep
 from service.errors import Forbidden
 from service.ledger import job_control
@@ -25,7 +26,12 @@ CANCEL_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-@router.get("/v1/jobs", responses=ERRORS, dependencies=[Depends(requires("reads"))])
+@router.get(
+    "/v1/jobs",
+    responses={**ERRORS, **CSV_RESPONSE},
+    response_model=JobPage,
+    dependencies=[Depends(requires("reads"))],
+)
 def list_jobs(
     session: SessionDep,
     model: Annotated[str | None, Query(description="only this model's jobs")] = None,
@@ -33,14 +39,16 @@ def list_jobs(
     kind: Annotated[JobKind | None, Query(description="only jobs of this kind")] = None,
     limit: Limit = 50,
     cursor: Cursor = None,
-) -> JobPage:
+    format: Format = "json",
+) -> JobPage | Response:
     """A page of jobs, newest first."""
     page = job_control.list_jobs(
         session, model_name=model, status=status, kind=kind, limit=limit, cursor=cursor
     )
-    return JobPage(
-        items=[JobPublic.model_validate(j) for j in page.items], next_cursor=page.next_cursor
-    )
+    items = [JobPublic.model_validate(j) for j in page.items]
+    if format == "csv":
+        return csv_response(items, page.next_cursor, "jobs")
+    return JobPage(items=items, next_cursor=page.next_cursor)
 
 
 @router.get("/v1/jobs/{job_id}", responses=ERRORS, dependencies=[Depends(requires("reads"))])

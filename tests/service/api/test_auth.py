@@ -42,6 +42,9 @@ ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None, int]] = {
     ("POST", "/v1/jobs/{job_id}/cancel"): ("edits:write|evaluations", None, 404),
     ("GET", "/v1/jobs/{job_id}/events"): ("reads", None, 404),
     ("GET", "/v1/models/{model}/events"): ("reads", None, 200),
+    ("GET", "/v1/models/{model}/edits/{edit_id}"): ("reads", None, 404),
+    ("GET", "/v1/models/{model}/versions/{number}"): ("reads", None, 200),
+    ("GET", "/v1/models/{model}/series/{name}"): ("reads", None, 200),
 }
 # query strings the calls need (an endless stream that ends at once)
 QUERY = {("GET", "/v1/models/{model}/events"): "?follow=false"}
@@ -63,7 +66,8 @@ def keys(client: TestClient, clean_db: Engine) -> dict[str, str]:
 
 def _call(client: TestClient, route: tuple[str, str], secret: str | None) -> Any:
     method, template = route
-    path = template.format(model=MODEL, job_id=JOB, evaluation_id=1) + QUERY.get(route, "")
+    path = template.format(model=MODEL, job_id=JOB, evaluation_id=1, edit_id=1, number=0,
+                           name="drift") + QUERY.get(route, "")  # fmt: skip
     body = ROUTES[route][1]
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     return client.request(method, path, json=body, headers=headers)
