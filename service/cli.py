@@ -8,6 +8,7 @@ starts the API and the worker as child processes.
 from __future__ import annotations
 
 import copy
+import enum
 import importlib
 import logging
 import os
@@ -22,7 +23,8 @@ from typing import Annotated
 import httpx
 import typer
 
-from service import cli_keys
+from service import cli_keys, logs
+from service.logs import LogFormat
 from service.settings import DEFAULT_MODEL, get_settings
 
 app = typer.Typer(
@@ -32,14 +34,29 @@ app.add_typer(cli_keys.app, name="keys")
 log = logging.getLogger("memedit")
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+def _setup_logging(level: str, fmt: LogFormatChoice | LogFormat = "text") -> None:
+    value: LogFormat = "json" if fmt in ("json", LogFormatChoice.json) else "text"
+    os.environ["MEMEDIT_LOG_FORMAT"] = value  # the processes `up` starts write the same
+    logs.setup(level, value)
 
 
 LogLevel = Annotated[str, typer.Option(help="Logging level.")]
+
+
+class LogFormatChoice(str, enum.Enum):
+    text = "text"
+    json = "json"
+
+
+LogFormatOpt = Annotated[
+    LogFormatChoice,
+    typer.Option(
+        "--log-format",
+        envvar="MEMEDIT_LOG_FORMAT",
+        help="text (default) or json: one JSON object per line with model, job_id, "
+        "edit_ids and version where known.",
+    ),
+]
 InsecureNoAuth = Annotated[
     bool,
     typer.Option(
@@ -89,19 +106,19 @@ class QuietPolls(logging.Filter):
         return not (isinstance(args, tuple) and len(args) > 2 and UP_POLL_QUERY in str(args[2]))
 
 
-def _uvicorn_log_config() -> dict:
+def _uvicorn_log_config(fmt: LogFormat = "text") -> dict:
     from uvicorn.config import LOGGING_CONFIG  # noqa: PLC0415
 
     config = copy.deepcopy(LOGGING_CONFIG)
     config.setdefault("filters", {})["quiet_polls"] = {"()": QuietPolls}
     config["loggers"]["uvicorn.access"]["filters"] = ["quiet_polls"]
-    return config
+    return logs.uvicorn_formatters(config, fmt)
 
 
 @app.command()
-def migrate(log_level: LogLevel = "info") -> None:
+def migrate(log_level: LogLevel = "info", log_format: LogFormatOpt = LogFormatChoice.text) -> None:
     """Migrate the ledger database (DATABASE_URL) to the newest schema."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     from service.migrate import upgrade_to_head  # noqa: PLC0415
 
     upgrade_to_head(get_settings().database_url)
@@ -113,12 +130,13 @@ def api(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
     log_level: LogLevel = "info",
+    log_format: LogFormatOpt = LogFormatChoice.text,
     insecure_no_auth: InsecureNoAuth = False,
 ) -> None:
     """Run the HTTP API (uvicorn). Off loopback it needs an API key to exist."""
     import uvicorn  # noqa: PLC0415
 
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     if insecure_no_auth:
         os.environ["MEMEDIT_INSECURE_NO_AUTH"] = "true"  # read by the app's settings
         get_settings.cache_clear()
@@ -129,7 +147,7 @@ def api(
         host=host,
         port=port,
         log_level=log_level,
-        log_config=_uvicorn_log_config(),
+        log_config=_uvicorn_log_config(log_format.value),  # type: ignore[arg-type]
     )
 
 
@@ -140,9 +158,10 @@ def worker(
     ] = DEFAULT_MODEL,
     burst: Annotated[bool, typer.Option(help="Exit when the queues are empty.")] = False,
     log_level: LogLevel = "info",
+    log_format: LogFormatOpt = LogFormatChoice.text,
 ) -> None:
     """Run a worker that holds MODEL and applies its edits (one per device)."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     from service.presence import Phase, Presence  # noqa: PLC0415
     from service.redis_clients import command_client  # noqa: PLC0415
 
@@ -210,12 +229,13 @@ def up(
     ] = Path(".memedit"),
     model: Annotated[str, typer.Option(help="Model for the worker.")] = DEFAULT_MODEL,
     log_level: LogLevel = "info",
+    log_format: LogFormatOpt = LogFormatChoice.text,
     insecure_no_auth: InsecureNoAuth = False,
 ) -> None:
     """Run everything: Postgres and Redis (embedded unless DATABASE_URL/REDIS_URL are
     set), the migrations, the API and one worker. Ctrl-C stops it all. Off loopback
     the API needs an API key to exist (memedit keys create)."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     from service import embedded  # noqa: PLC0415
     from service.migrate import upgrade_to_head  # noqa: PLC0415
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from service import logs
 from service.ledger import jobs as ledger_jobs
 from service.ledger.lease import JobClaim
 from service.ledger.tables import JobKind
@@ -41,7 +42,8 @@ def run_job(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     ``running``; the reconciler enqueues them again.
     """
     try:
-        return _run(state, job_id)
+        with logs.bound(model=state.name, job_id=job_id):
+            return _run(state, job_id)
     except JobCancelled as exc:
         log.info("job %s stopped: %s", job_id, exc)
         return None
@@ -93,6 +95,11 @@ def _start(state: WorkerState, job_id: str) -> dict[str, Any] | None:
             return current.result
         kind = job.kind
         job_id = job.id  # an older queued job goes first (ledger order)
+    with logs.bound(job_id=job_id):
+        return _run_kind(state, job_id, kind)
+
+
+def _run_kind(state: WorkerState, job_id: str, kind: JobKind) -> dict[str, Any] | None:
     log.info("job %s (%s) started", job_id, kind.value)
     if kind is JobKind.edit:
         return edit.run_edits(state, job_id)

@@ -31,6 +31,7 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job as RqJob
 from rq.timeouts import JobTimeoutException
 
+from service import logs
 from service.ledger import edits as ledger_edits
 from service.ledger import jobs as ledger_jobs
 from service.ledger import versions as ledger_versions
@@ -136,7 +137,8 @@ def run_edits(state: WorkerState, job_id: str) -> dict[str, Any] | None:
         try:
             sync_to_head(state)
             extra = None if wait_s is None else {"batch_wait_s": wait_s}
-            _apply_batch(state, jobs[0], editor, method, hparams, batch, report, extra)
+            with logs.bound(edit_ids=[e.id for e in batch]):
+                _apply_batch(state, jobs[0], editor, method, hparams, batch, report, extra)
         except JobCancelled as exc:  # stopped inside its own batch, before the commit
             done += cancelled(state, exc.job_ids)
             continue
@@ -398,6 +400,8 @@ def _apply_batch(
             for b, a, i in zip(outcome.before or [], outcome.after or [], inferred, strict=True)
         ]
         raise job_guard.record_rejection(state, job_id, method, group, check, rows)
+    log.info("version %d committed: %d edit(s) by %s", outcome.number, len(group), method,
+             extra={"version": outcome.number})  # fmt: skip
     return outcome.number
 
 

@@ -1,9 +1,12 @@
 """``GET /metrics`` (service/metrics.py) end to end on a tiny model: the exposition
 parses with prometheus_client's parser, and its counters move as edits are applied
-and as the guard rejects one."""
+and as the guard rejects one; and the worker's JSON log lines (service/logs.py)."""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 
+from service.logs import JsonFormatter
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.tiny_models import TINY_OVERRIDES
@@ -61,13 +65,29 @@ def test_metrics_parse_and_move_with_applied_and_rejected_edits(
     assert value(before, "memedit_head_version", model=MODEL) == 0
 
     harness.start_worker(MODEL, settings)
-    post(client, [("Mozart", "Rome"), ("Picasso", "Berlin"), ("Einstein", "London"),
-                  ("Curie", "Tokyo")])  # fmt: skip
+    job = post(client, [("Mozart", "Rome"), ("Picasso", "Berlin"), ("Einstein", "London"),
+                        ("Curie", "Tokyo")])  # fmt: skip
     queued = scrape(client)
     assert value(queued, "memedit_queue_depth", model=MODEL, queue="edits") == 1
     assert value(queued, "memedit_edits", model=MODEL, status="queued") == 4
     assert value(queued, "memedit_worker_ready", model=MODEL) == 1
-    harness.drain(MODEL, settings, redis_conn)
+    # the worker's JSON log lines name the model, the job, the edits and the version
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter())
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        harness.drain(MODEL, settings, redis_conn)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    records = [json.loads(line) for line in lines.getvalue().splitlines()]
+    committed = [r for r in records if r["message"].startswith("version ")]
+    assert [r["version"] for r in committed] == [1, 2, 3, 4]
+    assert all(r["model"] == MODEL and r["job_id"] == job and len(r["edit_ids"]) == 1
+               for r in committed)  # fmt: skip
     applied = scrape(client)
     assert value(applied, "memedit_edits_total", model=MODEL, method="ft_l", status="applied") == 4
     assert value(applied, "memedit_head_version", model=MODEL) == 4
