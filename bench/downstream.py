@@ -2,7 +2,8 @@
 (workers/evaluation/downstream.py, lm-eval with the in-memory model) on the task files
 of ../shared/data/downstream, as a markdown table and a JSON file.
 
-    python bench/downstream.py --limit 8 --threads 1          # a quick look
+    python bench/downstream.py --threads 1                    # the suite's default sample
+    python bench/downstream.py --limit 0 --threads 1          # every test example (hours)
     python bench/downstream.py --tasks sst2 mmlu --shots 0 --out bench/results/downstream-0shot.json
 
 Columns: task, test examples scored, shots (demonstrations asked; fewer when the
@@ -53,7 +54,7 @@ def score(
     """The suite's result reshaped per task (without per-example rows)."""
     params: dict[str, Any] = {"tasks": list(tasks), "shots": shots, "data_dir": str(data_dir)}
     if limit is not None:
-        params["limit"] = limit
+        params["limit"] = limit or "all"
     progress = None if echo is None else (lambda f, m: echo(f"{f:4.0%} {m}"))
     start = time.perf_counter()
     result = run_suite(model, tok, params, progress=progress)
@@ -120,7 +121,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     ap.add_argument("--shots", type=int, default=DEFAULT_SHOTS)
     ap.add_argument(
-        "--limit", type=int, default=None, help="test examples per task (all if not given)"
+        "--limit",
+        type=int,
+        default=None,
+        help="test examples per task (default: the suite's default sample; 0: all of them)",
     )
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--data", type=Path, default=DATA / "downstream", help="folder of <task>.jsonl")

@@ -199,7 +199,11 @@ class DownstreamParams(_Params):
     shots: int | None = Field(
         None, ge=0, le=10, strict=True, description="few-shot examples per query"
     )
-    limit: int | None = Field(None, ge=1, strict=True, description="most test examples per task")
+    limit: Annotated[int, Field(ge=1, strict=True)] | Literal["all"] | None = Field(
+        None,
+        description='test examples per task (default 10: a few minutes on a CPU); "all": '
+        "every test example of each task (hours on a CPU)",
+    )
     data_dir: DataPath | None = Field(
         None, description="folder of <task>.jsonl, relative to the worker's data root"
     )

@@ -149,14 +149,32 @@ def _quiet_lm_eval() -> Iterator[None]:
         logger.setLevel(logging.NOTSET)
 
 
-def _make_lm(model: torch.nn.Module, tok: Any, batch_size: int) -> Any:
-    """lm-eval's HFLM over the model as it is (no move, cast or copy)."""
+# log-likelihood requests scored between two progress reports, in batches
+_REPORT_EVERY_BATCHES = 1
+
+Counted = Callable[[int, int], None]  # (requests scored, requests in all)
+
+
+def _make_lm(
+    model: torch.nn.Module, tok: Any, batch_size: int, counted: Counted | None = None
+) -> Any:
+    """lm-eval's HFLM over the model as it is (no move, cast or copy); with
+    ``counted``, it scores the requests in slices of a few batches and reports after
+    each slice."""
     from lm_eval.models.huggingface import HFLM  # noqa: PLC0415  (lm-eval loads slowly)
 
+    step = batch_size * _REPORT_EVERY_BATCHES
+
     class _HFLM(HFLM):
-        # the same computation with its progress bars off
+        # the same computation with its progress bars off, and progress per slice
         def loglikelihood(self, requests: Any, disable_tqdm: bool = False) -> Any:
-            return super().loglikelihood(requests, disable_tqdm=True)
+            if counted is None:
+                return super().loglikelihood(requests, disable_tqdm=True)
+            out: list[Any] = []
+            for start in range(0, len(requests), step):
+                out += super().loglikelihood(requests[start : start + step], disable_tqdm=True)
+                counted(min(len(requests), start + step), len(requests))
+            return out
 
     if tok.pad_token_id is None:
         # HFLM would add or set a pad token on the tokenizer: give it a copy
@@ -181,7 +199,7 @@ def _evaluate(lm: Any, task_obj: Any, name: str, limit: int | None) -> dict[str,
 
 
 def _run_local(
-    model: torch.nn.Module, tok: Any, task: LocalTask, p: Params
+    model: torch.nn.Module, tok: Any, task: LocalTask, p: Params, counted: Counted | None = None
 ) -> tuple[dict[str, float], dict[str, Any]]:
     from lm_eval.api.task import ConfigurableTask  # noqa: PLC0415
 
@@ -201,7 +219,7 @@ def _run_local(
     longest = max(len(tok(d["prompt"] + " " + w)["input_ids"]) for d in docs for w in task.choices)
     batch = max(1, min(MAX_BATCH, TOKENS_PER_BATCH // longest))
     task_obj = ConfigurableTask(config=_task_config(task, docs))
-    result = _evaluate(_make_lm(model, tok, batch), task_obj, task_obj.config.task, None)
+    result = _evaluate(_make_lm(model, tok, batch, counted), task_obj, task_obj.config.task, None)
     scores = result["results"][task_obj.config.task]
     acc, f1 = float(scores["acc,none"]), float(scores["f1,none"])
     brier = float(scores["brier_score,none"])
@@ -237,7 +255,7 @@ def _argmax(values: Sequence[float]) -> int:
 
 
 def _run_named(
-    model: torch.nn.Module, tok: Any, name: str, p: Params
+    model: torch.nn.Module, tok: Any, name: str, p: Params, counted: Counted | None = None
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """A task from lm-eval's registry, with its own prompts, few-shot sampler and metrics."""
     try:
@@ -251,7 +269,7 @@ def _run_named(
         if task_obj.get_config("num_fewshot") != 0:
             task_obj.set_config(key="num_fewshot", value=p.shots)
         task_obj.set_fewshot_seed(seed=FEWSHOT_SEED)
-    result = _evaluate_loaded(_make_lm(model, tok, 8), loaded, p.limit)
+    result = _evaluate_loaded(_make_lm(model, tok, 8, counted), loaded, p.limit)
     metrics: dict[str, float] = {}
     per_task: dict[str, Any] = {}
     for sub, scores in result["results"].items():
@@ -286,6 +304,32 @@ def _finite_number(v: Any) -> bool:
 # -- the suite ----------------------------------------------------------------------------
 
 
+def _reporter(
+    progress: Callable[[float, str], None] | None, task: str, index: int, tasks: int, began: float
+) -> Counted | None:
+    """Progress within task ``index`` of ``tasks``: the share of its requests scored,
+    with the time left at the pace so far."""
+    if progress is None:
+        return None
+
+    def counted(done: int, total: int) -> None:
+        fraction = (index + done / max(1, total)) / tasks
+        elapsed = time.perf_counter() - began
+        left = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+        eta = "" if left is None else f", about {_duration(left)} left"
+        progress(fraction, f"{task} ({index + 1} of {tasks}): {done}/{total} scores{eta}")
+
+    return counted
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def run_suite(
     model: torch.nn.Module,
     tok: Any,
@@ -307,17 +351,19 @@ def run_suite(
     metrics: dict[str, float] = {}
     details: dict[str, Any] = {}
     f1s: list[float] = []
+    began = time.perf_counter()
     try:
         model.eval()
         with _quiet_lm_eval(), torch.inference_mode():
             for i, name in enumerate(p.tasks):
                 start = time.perf_counter()
+                counted = _reporter(progress, name, i, len(p.tasks), began)
                 if name in LOCAL_TASKS:
-                    m, d = _run_local(model, tok, LOCAL_TASKS[name], p)
+                    m, d = _run_local(model, tok, LOCAL_TASKS[name], p, counted)
                     f1s.append(m[f"{name}_f1"])
                 else:
                     named = name.removeprefix(LM_EVAL_PREFIX)
-                    m, d = _run_named(model, tok, named, p)
+                    m, d = _run_named(model, tok, named, p, counted)
                     f1s += [v for k, v in m.items() if k.endswith("_f1")]
                 d["seconds"] = round(time.perf_counter() - start, 3)
                 metrics.update(m)

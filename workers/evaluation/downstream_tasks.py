@@ -19,6 +19,10 @@ DEFAULT_TASKS: tuple[str, ...] = ("sst2", "mrpc", "rte", "cola", "nli", "mmlu")
 POOL_SIZE = 10
 # unified-model-editing's default is 0 shots; 3 is used here: see docs/evaluation.md
 DEFAULT_SHOTS = 3
+# test examples per task when the request names no limit: 8 tasks x 10 examples x 3
+# shots take about three minutes on one CPU core for SmolLM2 (docs/evaluation.md);
+# "limit": "all" scores every test example (hours on a CPU)
+DEFAULT_LIMIT = 10
 LM_EVAL_PREFIX = "lm_eval."
 
 _SENTIMENT_INSTRUCTION = (
@@ -170,8 +174,12 @@ def parse_params(params: Mapping[str, Any]) -> Params:
     if isinstance(shots, bool) or not isinstance(shots, int) or not 0 <= shots <= POOL_SIZE:
         raise ValueError(f"shots must be an integer from 0 to {POOL_SIZE}")
     limit = params.get("limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError("limit must be a positive integer")
+    if limit is None:
+        limit = DEFAULT_LIMIT
+    elif limit == "all":
+        limit = None
+    elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError('limit must be a positive integer, or "all"')
     data_dir = params.get("data_dir")
     if data_dir is not None and not isinstance(data_dir, str | Path):
         raise ValueError("data_dir must be a path")

@@ -25,6 +25,7 @@ from tests.downstream_examples import examples_dir
 from tests.tiny_models import changed_tensors, char_tokenizer, state_copy, tiny_config, tiny_model
 from workers.evaluation.downstream import run_suite, weighted_f1
 from workers.evaluation.downstream_tasks import (
+    DEFAULT_LIMIT,
     DEFAULT_SHOTS,
     LOCAL_TASKS,
     parse_params,
@@ -258,8 +259,16 @@ def test_deterministic_default_tasks_limit_progress_and_train_mode_restored() ->
     assert all(d["examples"] == 2 for d in first["details"].values())
     again = run_suite(model, tok, _params(tasks=None, limit=2))
     assert again["metrics"] == first["metrics"]
-    assert [f for f, _ in seen] == pytest.approx([i / 6 for i in range(1, 7)])
-    assert parse_params({"data_dir": str(FIXTURES)}).shots == DEFAULT_SHOTS
+    done = [f for f, m in seen if m.endswith(" of 6)")]
+    assert done == pytest.approx([i / 6 for i in range(1, 7)])  # one "done" per task
+    fractions = [f for f, _ in seen]
+    assert fractions == sorted(fractions) and len(seen) > len(done)
+    within = [m for _, m in seen if "scores" in m]  # per slice of batches, with the time left
+    assert within and all(" left" in m for m in within), within
+    assert within[0].startswith("sst2 (1 of 6): ")
+    defaults = parse_params({"data_dir": str(FIXTURES)})
+    assert defaults.shots == DEFAULT_SHOTS and defaults.limit == DEFAULT_LIMIT
+    assert parse_params({"data_dir": str(FIXTURES), "limit": "all"}).limit is None
 
 
 def test_a_short_context_drops_the_demonstrations() -> None:
@@ -301,6 +310,7 @@ def test_weighted_f1_matches_scikit_learn() -> None:
         ({"shots": -1}, "shots"),
         ({"shots": True}, "shots"),
         ({"limit": 0}, "limit"),
+        ({"limit": "some"}, "limit"),
         ({"color": "red"}, "unknown"),
         ({"data_dir": None}, "data_dir is needed"),
         ({"data_dir": "/nonexistent/folder"}, "not a folder"),
