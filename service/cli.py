@@ -23,7 +23,7 @@ from typing import Annotated
 import httpx
 import typer
 
-from service import cli_keys, logs
+from service import cli_client, cli_keys, logs
 from service.logs import LogFormat
 from service.settings import DEFAULT_MODEL, get_settings
 
@@ -31,6 +31,7 @@ app = typer.Typer(
     help="memedit: correct facts inside language models over HTTP.", no_args_is_help=True
 )
 app.add_typer(cli_keys.app, name="keys")
+cli_client.register(app)
 log = logging.getLogger("memedit")
 
 

@@ -49,6 +49,10 @@ from sqlalchemy import text as sql_text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+# the statuses and kinds live outside the ledger package, so that the API's schemas can
+# name them without importing the ledger (which imports the schemas)
+from service.enums import ArtifactKind, EditStatus, JobKind, JobStatus, VersionKind
+
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 
 
@@ -67,43 +71,6 @@ class Base(DeclarativeBase):
 
 def _enum(cls: type[enum.Enum], name: str) -> Enum:
     return Enum(cls, name=name, values_callable=lambda e: [m.value for m in e])
-
-
-class JobKind(str, enum.Enum):
-    edit = "edit"
-    rollback = "rollback"
-    evaluation = "evaluation"
-
-
-class JobStatus(str, enum.Enum):
-    queued = "queued"
-    running = "running"
-    succeeded = "succeeded"
-    failed = "failed"
-    cancelled = "cancelled"
-
-
-class EditStatus(str, enum.Enum):
-    queued = "queued"
-    applied = "applied"
-    rejected = "rejected"
-    failed = "failed"
-    reverted = "reverted"
-    cancelled = "cancelled"
-
-
-class VersionKind(str, enum.Enum):
-    base = "base"
-    edit = "edit"
-    rollback = "rollback"
-
-
-class ArtifactKind(str, enum.Enum):
-    delta = "delta"
-    snapshot = "snapshot"
-    stats = "stats"
-    # the context templates a worker sampled from the base weights (JSON)
-    templates = "templates"
 
 
 class Model(Base):

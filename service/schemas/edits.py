@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from service.ledger.tables import EditStatus
+from service.enums import EditStatus
 from service.schemas.common import Input, JsonDict, Public, StrList, VersionNumber
 from service.schemas.workers import WorkerPublic
 from service.validation import CompletePrompt, Template, Text

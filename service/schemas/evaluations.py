@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
-from service.ledger.tables import JobStatus
+from service.enums import JobStatus
 from service.schemas.common import BodyInt, FloatDict, Input, JsonDict, Public
 from service.schemas.workers import WorkerPublic
 from service.suites import SuiteName

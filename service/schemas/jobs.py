@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
-from service.ledger.tables import JobKind, JobStatus
+from service.enums import JobKind, JobStatus
 from service.schemas.common import Fraction, ModelName, Public
 from service.schemas.workers import WorkerPublic
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import AliasChoices, Field
 
-from service.ledger.tables import VersionKind
+from service.enums import VersionKind
 from service.schemas.common import (
     BodyInt,
     FiniteOrNone,
