@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
 
 from service.client import FINAL, ApiError, Client, Job, JobFailed
@@ -30,8 +32,15 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 jobs_app = typer.Typer(help="List, show, follow and cancel jobs.", no_args_is_help=True)
 
 
-def _client(url: str, key: str | None) -> Client:
-    return Client(url, key)
+@contextmanager
+def _client(url: str, key: str | None) -> Iterator[Client]:
+    """The client; an API error, a failed job or an unreachable service ends the
+    command with its message and exit code 1."""
+    try:
+        with Client(url, key) as client:
+            yield client
+    except (ApiError, JobFailed, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -104,11 +113,8 @@ def edit(
     overrides = json.loads(hparams) if hparams else None
     started = time.monotonic()
     with _client(url, key) as client:
-        try:
-            jobs = [client.edit(model, requests[i : i + chunk], method, overrides)
-                    for i in range(0, len(requests), chunk)]  # fmt: skip
-        except ApiError as exc:
-            raise _fail(exc) from None
+        jobs = [client.edit(model, requests[i : i + chunk], method, overrides)
+                for i in range(0, len(requests), chunk)]  # fmt: skip
         if not wait:
             out = [{"job_id": j.id, "edit_ids": j.created.edit_ids} for j in jobs]  # type: ignore[union-attr]
             typer.echo(json.dumps(out, indent=2) if as_json else "\n".join(j.id for j in jobs))
@@ -202,10 +208,7 @@ def jobs_list(
 ) -> None:
     """The newest jobs."""
     with _client(url, key) as client:
-        try:
-            page = client.jobs(model=model, status=status, kind=kind, limit=limit)
-        except ApiError as exc:
-            raise _fail(exc) from None
+        page = client.jobs(model=model, status=status, kind=kind, limit=limit)
     if as_json:
         typer.echo(_dump(page.items))
         return
@@ -218,10 +221,7 @@ def jobs_list(
 def jobs_show(job_id: str, url: Url = DEFAULT_URL, key: Key = None) -> None:
     """One job, as JSON."""
     with _client(url, key) as client:
-        try:
-            typer.echo(_dump(client.job(job_id)))
-        except ApiError as exc:
-            raise _fail(exc) from None
+        typer.echo(_dump(client.job(job_id)))
 
 
 def describe(kind: str, d: dict[str, Any]) -> str:
@@ -242,16 +242,13 @@ def jobs_watch(
 ) -> None:
     """Follow a job's events until it ends (its status, progress and versions)."""
     with _client(url, key) as client:
-        try:
-            for event in client.job_events(job_id):
-                if as_json:
-                    typer.echo(event.model_dump_json())
-                    continue
-                text = describe(event.kind, event.data)
-                typer.echo(f"{_when(event.created_at)}  {event.kind:<10} {text}")
-            final = client.job(job_id)
-        except ApiError as exc:
-            raise _fail(exc) from None
+        for event in client.job_events(job_id):
+            if as_json:
+                typer.echo(event.model_dump_json())
+                continue
+            text = describe(event.kind, event.data)
+            typer.echo(f"{_when(event.created_at)}  {event.kind:<10} {text}")
+        final = client.job(job_id)
     if final.status.value != "succeeded":
         raise typer.Exit(1)
 
@@ -260,10 +257,7 @@ def jobs_watch(
 def jobs_cancel(job_id: str, url: Url = DEFAULT_URL, key: Key = None) -> None:
     """Cancel a queued job, or stop a running one at its next safe point."""
     with _client(url, key) as client:
-        try:
-            job = client.cancel(job_id)
-        except ApiError as exc:
-            raise _fail(exc) from None
+        job = client.cancel(job_id)
     state = (
         "cancel requested"
         if job.cancel_requested and job.status.value == "running"
@@ -284,10 +278,7 @@ def versions(
 ) -> None:
     """The model's versions (the first LIMIT)."""
     with _client(url, key) as client:
-        try:
-            page = client.versions(model, limit=limit)
-        except ApiError as exc:
-            raise _fail(exc) from None
+        page = client.versions(model, limit=limit)
     if as_json:
         typer.echo(_dump(page.items))
         return
@@ -307,14 +298,11 @@ def rollback(
 ) -> None:
     """Roll MODEL back to version --to (a new version with its weights, bit for bit)."""
     with _client(url, key) as client:
-        try:
-            job = client.rollback(model, to)
-            if not wait:
-                typer.echo(job.id)
-                return
-            done = job.wait()
-        except (ApiError, JobFailed) as exc:
-            raise _fail(exc) from None
+        job = client.rollback(model, to)
+        if not wait:
+            typer.echo(job.id)
+            return
+        done = job.wait()
     typer.echo(f"rolled back to version {to}: version {(done.result or {}).get('versions')}")
 
 
@@ -332,14 +320,11 @@ def evaluate(
 ) -> None:
     """Run an evaluation suite on a version; print its metrics."""
     with _client(url, key) as client:
-        try:
-            job = client.evaluate(model, suite, version, json.loads(params) if params else None)
-            if not wait:
-                typer.echo(job.id)
-                return
-            done = job.wait()
-        except (ApiError, JobFailed) as exc:
-            raise _fail(exc) from None
+        job = client.evaluate(model, suite, version, json.loads(params) if params else None)
+        if not wait:
+            typer.echo(job.id)
+            return
+        done = job.wait()
     result = done.result or {}
     if as_json:
         typer.echo(json.dumps(result, indent=2, sort_keys=True))

@@ -113,6 +113,27 @@ def _error(response: httpx.Response) -> ApiError:
     return ApiError(response.status_code, body, float(after) if after else None)
 
 
+@dataclass(frozen=True)
+class _Answer:
+    value: Any
+
+
+def _headers(call: _Call) -> dict[str, str]:
+    """An Idempotency-Key for a POST that creates work: its retries make one job."""
+    return {"Idempotency-Key": str(uuid.uuid4())} if call.work else {}
+
+
+def _outcome(call: _Call, r: httpx.Response, attempt: int, retries: int) -> _Answer | float:
+    """The parsed answer, or the seconds to wait before retrying a 429/503 that says
+    when (``Retry-After``, at most 30 s); raises :class:`ApiError` otherwise."""
+    if r.is_success:
+        return _Answer(_parse(call, r))
+    error = _error(r)
+    if r.status_code in (429, 503) and error.retry_after is not None and attempt < retries:
+        return float(min(error.retry_after, 30.0))
+    raise error
+
+
 def _events(lines: Iterator[str]) -> Iterator[EventPublic]:
     for line in lines:
         if line.startswith("data: "):
@@ -295,17 +316,14 @@ class Client(_Routes):
         self.http.close()
 
     def _do(self, call: _Call) -> Any:
-        headers = {"Idempotency-Key": str(uuid.uuid4())} if call.work else {}
+        headers = _headers(call)
         for attempt in range(self.retries + 1):
             r = self.http.request(call.method, call.path, params=call.params, json=call.body,
                                   headers=headers)  # fmt: skip
-            if r.is_success:
-                return _parse(call, r)
-            error = _error(r)
-            if r.status_code in (429, 503) and error.retry_after and attempt < self.retries:
-                time.sleep(min(error.retry_after, 30.0))
-                continue
-            raise error
+            pause = _outcome(call, r, attempt, self.retries)
+            if not isinstance(pause, float):
+                return pause.value
+            time.sleep(pause)
         raise AssertionError("unreachable")
 
     # the POSTs that create work answer a handle
@@ -377,17 +395,14 @@ class AsyncClient(_Routes):
         await self.http.aclose()
 
     async def _run(self, call: _Call) -> Any:
-        headers = {"Idempotency-Key": str(uuid.uuid4())} if call.work else {}
+        headers = _headers(call)
         for attempt in range(self.retries + 1):
             r = await self.http.request(call.method, call.path, params=call.params,
                                         json=call.body, headers=headers)  # fmt: skip
-            if r.is_success:
-                return _parse(call, r)
-            error = _error(r)
-            if r.status_code in (429, 503) and error.retry_after and attempt < self.retries:
-                await anyio.sleep(min(error.retry_after, 30.0))
-                continue
-            raise error
+            pause = _outcome(call, r, attempt, self.retries)
+            if not isinstance(pause, float):
+                return pause.value
+            await anyio.sleep(pause)
         raise AssertionError("unreachable")
 
     def _do(self, call: _Call) -> Any:
