@@ -1,6 +1,7 @@
 """One router per resource; :mod:`service.api.main` includes them all."""
 
 from service.api.routes import (
+    dashboard,
     edits,
     evaluations,
     events,
@@ -20,4 +21,5 @@ ROUTERS = [
     evaluations.router,
     reads.router,
     events.router,
+    dashboard.router,
 ]
