@@ -432,12 +432,33 @@ class AsyncClient(_Routes):
                 await anyio.sleep(poll_s)
 
     async def job_events(self, job_id: str, after: int | None = None) -> AsyncIterator[EventPublic]:
-        params = _clean({"after": after})
-        async with self.http.stream("GET", f"/v1/jobs/{job_id}/events", params=params,
-                                    timeout=None) as r:  # fmt: skip
-            if not r.is_success:
-                await r.aread()
-                raise _error(r)
-            async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    yield EventPublic.model_validate(json.loads(line[6:]))
+        """The job's events until its final status."""
+        async for event in self._stream(f"/v1/jobs/{job_id}/events", after, follow=True):
+            yield event
+
+    async def model_events(self, model: str, after: int | None = None,
+                           follow: bool = True) -> AsyncIterator[EventPublic]:  # fmt: skip
+        """What happens to the model (until the client stops iterating)."""
+        async for event in self._stream(f"/v1/models/{model}/events", after, follow):
+            yield event
+
+    async def _stream(self, path: str, after: int | None,
+                      follow: bool) -> AsyncIterator[EventPublic]:  # fmt: skip
+        last = after
+        while True:
+            params = _clean({"after": last, "follow": "false" if not follow else None})
+            ended = not follow
+            async with self.http.stream("GET", path, params=params, timeout=None) as r:
+                if not r.is_success:
+                    await r.aread()
+                    raise _error(r)
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    event = EventPublic.model_validate(json.loads(line[6:]))
+                    last = event.id or last
+                    yield event
+                    final = event.kind == "status" and event.data.get("status") in FINAL
+                    ended = ended or (final and "/v1/jobs/" in path)
+            if ended:
+                return

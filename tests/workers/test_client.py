@@ -97,14 +97,18 @@ def test_the_client_edits_waits_follows_reads_and_raises(
             memedit.edit("nope", [request(0)])
         assert missing.value.status == 404 and missing.value.field == "model"
 
-    async def go() -> tuple[list[str], str]:
+    async def go() -> tuple[list[str], str, list[str], int]:
         async with AsyncClient(url) as memedit:
             models = await memedit.models()
             jobs = await memedit.jobs(limit=1)
-            return [m.name for m in models], jobs.items[0].kind.value
+            kinds = [e.kind async for e in memedit.job_events(jobs.items[0].id)]
+            seen = [e async for e in memedit.model_events(MODEL, after=0, follow=False)]
+            return [m.name for m in models], jobs.items[0].kind.value, kinds, len(seen)
 
-    names, kind = anyio.run(go)
+    names, kind, kinds, n_events = anyio.run(go)
     assert names == [MODEL] and kind == "rollback"
+    assert kinds[0] == "status" and kinds[-1] == "status" and "version" in kinds
+    assert n_events > len(kinds)  # the model's stream holds both jobs' events
 
 
 def test_the_cli_edits_a_file_with_progress_and_lists(

@@ -32,3 +32,16 @@ def test_openapi_lists_the_contract(client: TestClient) -> None:
         "/v1/models/{model}/guard-decisions",
     }
     assert client.get("/docs").status_code == 200
+
+
+def test_the_dashboard_and_its_charting_library_are_served_offline(client: TestClient) -> None:
+    page = client.get("/dashboard")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/dashboard/static/plotly.min.js" in page.text and "http" not in page.text.split(
+        "<body>")[0].replace("http-equiv", "")  # fmt: skip
+    js = client.get("/dashboard/static/plotly.min.js")
+    assert js.status_code == 200 and len(js.content) > 1_000_000  # plotly.js itself
+    assert client.get("/dashboard/static/dashboard.js").status_code == 200
+    assert client.get("/dashboard/static/../cli.py").status_code == 404
+    assert client.get("/dashboard/static/secret.txt").status_code == 404
+    assert client.get("/", follow_redirects=False).headers["location"] == "/dashboard"
