@@ -14,7 +14,10 @@ def test_score_and_table() -> None:
     model, tok = tiny_model("llama"), char_tokenizer()
     echoed: list[str] = []
     res = score(model, tok, ["sst2", "mmlu"], 1, 3, FIXTURES, echo=echoed.append)
-    assert list(res["tasks"]) == ["sst2", "mmlu"] and len(echoed) == 2
+    assert list(res["tasks"]) == ["sst2", "mmlu"]
+    # one line per task done, and progress lines within each task (with the time left)
+    assert [e.split()[1] for e in echoed if "done" in e] == ["sst2", "mmlu"]
+    assert any("scores, about" in e for e in echoed)
     sst2, mmlu = res["tasks"]["sst2"], res["tasks"]["mmlu"]
     assert (sst2["examples"], sst2["metric"], sst2["score"]) == (3, "f1", res["metrics"]["sst2_f1"])
     assert (mmlu["metric"], mmlu["score"]) == ("acc", res["metrics"]["mmlu_acc"])
