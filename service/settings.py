@@ -151,8 +151,6 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(600, ge=0)
     # serve clients off loopback although no API key is defined (service/api/auth.py)
     insecure_no_auth: bool = False
-    # log lines: "text", or "json" (one object per line; memedit ... --log-format)
-    log_format: Literal["text", "json"] = "text"
     # an event stream (SSE) closes after this long; clients reconnect with Last-Event-ID
     event_stream_max_s: float = Field(600.0, gt=0)
     # how long the API waits for a worker to answer score/generate

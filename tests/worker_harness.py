@@ -4,6 +4,9 @@ forever)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -17,7 +20,8 @@ from service.settings import Settings
 from workers.state import WorkerState
 from workers.worker import StateWorker, build_state
 
-__all__ = ["all_versions", "drain", "job", "spawn_worker", "start_worker", "stop", "worker_env"]
+__all__ = ["all_versions", "drain", "job", "spawn_worker", "start_worker", "stop",
+           "while_draining", "worker_env"]  # fmt: skip
 
 # the state start_worker built last, per model: what drain runs the jobs with
 _LAST: dict[str, WorkerState] = {}
@@ -49,6 +53,31 @@ def drain(model: str, settings: Settings, redis: Redis, state: WorkerState | Non
         Queue(settings.eval_queue(model), connection=redis),
     ]
     StateWorker(queues, state=state or _LAST[model], connection=redis).work(burst=True)
+
+
+def while_draining(
+    model: str, settings: Settings, redis: Redis, work: Callable[[], Any], timeout_s: float = 120
+) -> Any:
+    """Run ``work`` (a client that waits on the worker) in a thread while this thread
+    drains the model's queues; its return value, or its exception raised here."""
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["value"] = work()
+        except BaseException as exc:  # re-raised below
+            out["error"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + timeout_s
+    while t.is_alive() and time.monotonic() < deadline:
+        drain(model, settings, redis)
+        time.sleep(0.05)
+    t.join(timeout=5)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 def job(client: TestClient, job_id: str) -> dict[str, Any]:

@@ -68,9 +68,11 @@ def check(tokenizer: Any, texts: Iterable[tuple[str, str]], limit: int) -> None:
     for field, text in texts:
         n = count(tokenizer, text)
         if n > limit:
-            raise PromptTooLong(
-                field, f"is {n} tokens long; this model's worker takes at most {limit}"
-            )
+            raise _over(field, n, limit)
+
+
+def _over(field: str, n: int, limit: int) -> PromptTooLong:
+    return PromptTooLong(field, f"is {n} tokens long; this model's worker takes at most {limit}")
 
 
 def edit_texts(index: int, request: Any) -> Iterator[tuple[str, str]]:
@@ -95,16 +97,16 @@ def check_generate(
     tokenizer: Any, model: Any, prompt: str, max_new_tokens: int, limit: int
 ) -> None:
     """The prompt within ``limit``, and the prompt and its continuation within the context."""
-    check(tokenizer, [("prompt", prompt)], limit)
+    n = count(tokenizer, prompt)  # once, for both checks
+    if n > limit:
+        raise _over("prompt", n, limit)
     context = context_length(model)
-    if context is not None:
-        n = count(tokenizer, prompt)
-        if n + max_new_tokens > context:
-            raise PromptTooLong(
-                "max_new_tokens",
-                f"the prompt's {n} tokens and {max_new_tokens} new ones exceed the "
-                f"model's context of {context} tokens",
-            )
+    if context is not None and n + max_new_tokens > context:
+        raise PromptTooLong(
+            "max_new_tokens",
+            f"the prompt's {n} tokens and {max_new_tokens} new ones exceed the "
+            f"model's context of {context} tokens",
+        )
 
 
 def refusal(exc: PromptTooLong) -> dict[str, Any]:

@@ -299,7 +299,7 @@ def store_result(
     )
     events.add(session, ev.model_id, "evaluation",
                {k: v for k, v in result.items() if k != "alert"}, job_id)  # fmt: skip
-    events.jobs_status(session, [job_id], JobStatus.succeeded)
+    events.jobs_status(session, [(job_id, ev.model_id, JobKind.evaluation)], JobStatus.succeeded)
     if alert is not None:
         events.add(session, ev.model_id, "alert",
                    {"evaluation_id": evaluation_id, "suite": ev.suite, **alert}, job_id)  # fmt: skip

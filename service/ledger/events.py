@@ -51,19 +51,19 @@ def job_status(session: Session, job: Job, **extra: Any) -> None:
     add(session, job.model_id, "status", data, job.id)
 
 
-def jobs_status(session: Session, job_ids: Sequence[str], status: JobStatus, **extra: Any) -> None:
-    """A ``status`` event of ``status`` for each of ``job_ids`` (after a bulk update)."""
-    rows = session.execute(select(Job.id, Job.model_id, Job.kind).where(Job.id.in_(list(job_ids))))
-    for job_id, model_id, kind in rows:
+# what a bulk UPDATE … RETURNING gives the events: RETURNING(*CHANGED)
+CHANGED = (Job.id, Job.model_id, Job.kind)
+
+
+def jobs_status(
+    session: Session, changed: Sequence[Sequence[Any]], status: JobStatus, **extra: Any
+) -> None:
+    """A ``status`` event of ``status`` for each ``(id, model_id, kind)`` row a bulk
+    update returned (:data:`CHANGED`)."""
+    for job_id, model_id, kind in changed:
         data = {"status": status.value, "kind": kind.value}
         data.update({k: v for k, v in extra.items() if v is not None})
         add(session, model_id, "status", data, job_id)
-
-
-def progress(session: Session, job_ids: Sequence[str], fraction: float, message: str) -> None:
-    rows = session.execute(select(Job.id, Job.model_id).where(Job.id.in_(list(job_ids))))
-    for job_id, model_id in rows:
-        add(session, model_id, "progress", {"progress": fraction, "message": message}, job_id)
 
 
 def after(

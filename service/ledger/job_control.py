@@ -119,16 +119,15 @@ def _mark_cancelled(
     session: Session, job_ids: Sequence[str], message: str, *, running: bool = False
 ) -> list[str]:
     status = JobStatus.running if running else JobStatus.queued
-    done = list(
-        session.scalars(
-            update(Job)
-            .where(Job.id.in_(list(job_ids)), Job.status == status)
-            .values(status=JobStatus.cancelled, message=message, finished_at=utcnow())
-            .returning(Job.id)
-        )
-    )
-    if not done:
+    changed = session.execute(
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), Job.status == status)
+        .values(status=JobStatus.cancelled, message=message, finished_at=utcnow())
+        .returning(*events.CHANGED)
+    ).all()
+    if not changed:
         return []
+    done = [row[0] for row in changed]
     session.execute(
         update(Edit)
         .where(Edit.job_id.in_(done), Edit.status == EditStatus.queued)
@@ -139,5 +138,5 @@ def _mark_cancelled(
         .where(Evaluation.job_id.in_(done), Evaluation.status.in_([JobStatus.queued, JobStatus.running]))
         .values(status=JobStatus.cancelled, finished_at=utcnow())
     )  # fmt: skip
-    events.jobs_status(session, done, JobStatus.cancelled, message=message)
+    events.jobs_status(session, changed, JobStatus.cancelled, message=message)
     return done

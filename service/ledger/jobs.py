@@ -204,11 +204,11 @@ def set_progress(
         update(Job)
         .where(Job.id.in_(list(job_ids)))
         .values(progress=func.greatest(Job.progress, fraction), message=message)
-        .returning(Job.id, Job.progress, Job.cancel_requested)
+        .returning(Job.id, Job.model_id, Job.progress, Job.cancel_requested)
     ).all()
-    for job_id, now, _ in rows:
-        events.progress(session, [job_id], now, message)
-    return {job_id for job_id, _, cancel in rows if cancel}
+    for job_id, model_id, now, _ in rows:
+        events.add(session, model_id, "progress", {"progress": now, "message": message}, job_id)
+    return {job_id for job_id, _, _, cancel in rows if cancel}
 
 
 def finish(session: Session, job_ids: Sequence[str], result: dict[str, Any] | None) -> None:
@@ -221,11 +221,11 @@ def finish(session: Session, job_ids: Sequence[str], result: dict[str, Any] | No
     }
     if result is not None:
         values["result"] = result
-    done = session.scalars(
+    done = session.execute(
         update(Job)
         .where(Job.id.in_(list(job_ids)), Job.status == JobStatus.running)
         .values(**values)
-        .returning(Job.id)
+        .returning(*events.CHANGED)
     ).all()
     events.jobs_status(session, done, JobStatus.succeeded)
 
@@ -243,11 +243,12 @@ def fail(session: Session, job_id: str, reason: str) -> bool:
         update(Job)
         .where(Job.id == job_id, Job.status.in_(UNFINISHED))
         .values(status=JobStatus.failed, error=reason, finished_at=utcnow())
-    ).rowcount
+        .returning(*events.CHANGED)
+    ).all()
     if not failed:
         log.warning("job %s is finished already; not failing it (%s)", job_id, reason)
         return False
-    events.jobs_status(session, [job_id], JobStatus.failed, error=reason)
+    events.jobs_status(session, failed, JobStatus.failed, error=reason)
     session.execute(
         update(Edit)
         .where(Edit.job_id == job_id, Edit.status == EditStatus.queued)

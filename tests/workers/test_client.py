@@ -6,8 +6,6 @@ in another."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,25 +43,7 @@ def url(settings: Settings, clean_db: object, redis_conn: Redis) -> Iterator[str
 
 
 def while_draining(settings: Settings, redis: Redis, work: Callable[[], Any]) -> Any:
-    """Run ``work`` in a thread while the worker drains its queues here."""
-    out: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            out["value"] = work()
-        except BaseException as exc:  # re-raised below
-            out["error"] = exc
-
-    t = threading.Thread(target=run)
-    t.start()
-    deadline = time.monotonic() + 120
-    while t.is_alive() and time.monotonic() < deadline:
-        harness.drain(MODEL, settings, redis)
-        time.sleep(0.05)
-    t.join(timeout=5)
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    return harness.while_draining(MODEL, settings, redis, work)
 
 
 def request(i: int) -> dict[str, Any]:

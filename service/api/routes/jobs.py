@@ -13,14 +13,14 @@ from service.api.deps import ERRORS, Cursor, Limit, SessionDep
 from service.errors import Forbidden
 from service.ledger import job_control
 from service.ledger.tables import JobKind, JobStatus
-from service.schemas import JobPage, JobPublic
+from service.schemas import ErrorPublic, JobPage, JobPublic
 
 router = APIRouter(tags=["jobs"])
 
 CANCEL_ERRORS: dict[int | str, dict[str, Any]] = {
     **ERRORS,
     409: {
-        "model": ERRORS[422]["model"],
+        "model": ErrorPublic,
         "description": "the job is finished, or a running rollback",
     },
 }

@@ -4,8 +4,6 @@ the job batched with it is applied; score and generate answer 422."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,16 +26,6 @@ LIMIT = 24  # tokens
 def settings(model_settings: Callable[..., Settings], tiny_dir: Path) -> Settings:
     spec = ModelSpec(source=str(tiny_dir), guard=GuardPolicy(enabled=False), max_wait_ms=2000)
     return model_settings(MODEL, spec, sync_timeout_s=60.0, max_prompt_tokens=LIMIT)
-
-
-def _serve_while(settings: Settings, redis: Redis, ask: Callable[[], None]) -> None:
-    t = threading.Thread(target=ask)
-    t.start()
-    deadline = time.monotonic() + 30
-    while t.is_alive() and time.monotonic() < deadline:
-        harness.drain(MODEL, settings, redis)
-        time.sleep(0.05)
-    t.join(timeout=5)
 
 
 def test_texts_too_long_in_tokens_are_refused_naming_the_field(
@@ -81,7 +69,7 @@ def test_texts_too_long_in_tokens_are_refused_naming_the_field(
             f"/v1/models/{MODEL}/generate", json={"prompt": "Bach was born in", "max_new_tokens": 2}
         )
 
-    _serve_while(settings, redis_conn, ask)
+    harness.while_draining(MODEL, settings, redis_conn, ask)
     score, gen, ok = answers["score"], answers["generate"], answers["fine"]
     assert score.status_code == 422, score.text
     assert score.json()["errors"][0]["field"] == "prompts.1" and "tokens" in score.json()["detail"]
