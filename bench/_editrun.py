@@ -34,8 +34,8 @@ from typing import Any, Protocol
 
 import torch
 
+from service.artifacts import ArtifactStore
 from workers import pipeline
-from workers.artifacts import ArtifactStore
 from workers.editing.common.base import EditError
 from workers.editing.common.stats import StatsCache, stats_provider
 from workers.editing.hparams import defaults_for, with_overrides

@@ -23,7 +23,7 @@ from typing import Annotated
 import httpx
 import typer
 
-from service import cli_client, cli_keys, logs
+from service import cli_client, cli_exports, cli_keys, logs
 from service.logs import LogFormat
 from service.settings import DEFAULT_MODEL, get_settings
 
@@ -32,6 +32,7 @@ app = typer.Typer(
 )
 app.add_typer(cli_keys.app, name="keys")
 cli_client.register(app)
+cli_exports.register(app)
 log = logging.getLogger("memedit")
 
 

@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -41,6 +42,8 @@ from service.schemas import (
     EvaluationPublic,
     EvaluationsPublic,
     EventPublic,
+    ExportCreated,
+    ExportPublic,
     GenerateResponse,
     GuardDecisionsPublic,
     JobCreated,
@@ -212,6 +215,13 @@ class _Routes:
         return self._do(_Call("POST", f"/v1/models/{model}/rollback", JobCreated,
                               body={"to_version": to_version}, work=True))  # fmt: skip
 
+    def _export(self, model: str, version: int | None, format: str) -> Any:
+        return self._do(_Call("POST", f"/v1/models/{model}/exports", ExportCreated,
+                              body=_clean({"version": version, "format": format}), work=True))  # fmt: skip
+
+    def export_of(self, model: str, export_id: str) -> Any:
+        return self._do(_Call("GET", f"/v1/models/{model}/exports/{export_id}", ExportPublic))
+
     def guard_decisions(self, model: str, **filters: Any) -> Any:
         return self._do(_Call("GET", f"/v1/models/{model}/guard-decisions", GuardDecisionsPublic,
                               _clean(filters)))  # fmt: skip
@@ -341,6 +351,35 @@ class Client(_Routes):
         created = self._evaluate(model, suite, version, params)
         return Job(self, created.job_id, created)
 
+    def export(self, model: str, version: int | None = None, format: str = "hf") -> Job:
+        """An export job (``job.created.export_id`` names the export)."""
+        created = self._export(model, version, format)
+        return Job(self, created.job_id, created)
+
+    def download_export(self, model: str, export_id: str, dest: Path) -> int:
+        """Stream the export's tar archive to ``dest``; its size in bytes."""
+        url = f"/v1/models/{model}/exports/{export_id}/download"
+        with self.http.stream("GET", url) as r:
+            if r.status_code != 200:
+                r.read()
+                _outcome(_Call("GET", url), r, self.retries, self.retries)
+            size = 0
+            with dest.open("wb") as f:
+                for chunk in r.iter_bytes(1 << 20):
+                    f.write(chunk)
+                    size += len(chunk)
+        return size
+
+    def import_patch(self, model: str, archive: Path) -> Job:
+        """Upload a patch archive (``memedit export --format patch``) to apply it onto
+        this deployment's base: an import job."""
+        call = _Call("POST", f"/v1/models/{model}/imports", JobCreated, work=True)
+        headers = {**_headers(call), "Content-Type": "application/x-tar"}
+        with archive.open("rb") as f:
+            r = self.http.post(call.path, content=f, headers=headers)
+        created = _outcome(call, r, self.retries, self.retries).value
+        return Job(self, created.job_id, created)
+
     def job_handle(self, job_id: str) -> Job:
         return Job(self, job_id)
 
@@ -414,6 +453,9 @@ class AsyncClient(_Routes):
 
     async def rollback(self, model: str, to_version: int) -> Any:
         return await self._rollback(model, to_version)
+
+    async def export(self, model: str, version: int | None = None, format: str = "hf") -> Any:
+        return await self._export(model, version, format)
 
     async def evaluate(self, model: str, suite: str, version: int | None = None,
                        params: Mapping[str, Any] | None = None) -> Any:  # fmt: skip

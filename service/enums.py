@@ -12,6 +12,10 @@ class JobKind(str, enum.Enum):
     edit = "edit"
     rollback = "rollback"
     evaluation = "evaluation"
+    # a version written out as a Hugging Face folder or a patch (docs/exports.md)
+    export = "export"
+    # a patch from another deployment applied onto the base as a new version
+    import_ = "import"
 
 
 class JobStatus(str, enum.Enum):
@@ -35,6 +39,8 @@ class VersionKind(str, enum.Enum):
     base = "base"
     edit = "edit"
     rollback = "rollback"
+    # a patch imported onto the base (parent 0): its delta sets the patched tensors
+    import_ = "import"
 
 
 class ArtifactKind(str, enum.Enum):
@@ -43,3 +49,7 @@ class ArtifactKind(str, enum.Enum):
     stats = "stats"
     # the context templates a worker sampled from the base weights (JSON)
     templates = "templates"
+    # an export's tar archive (a Hugging Face folder or a patch)
+    export = "export"
+    # a patch archive uploaded to be imported
+    upload = "upload"

@@ -142,6 +142,9 @@ class Settings(BaseSettings):
     # largest request body the API reads (bytes); a larger one is refused with 413
     # before it is parsed (64 edit requests with a few paraphrases each are ~100 kB)
     max_body_bytes: int = Field(1_048_576, ge=1024)
+    # largest patch archive POST /v1/models/{m}/imports takes (bytes; streamed to the
+    # artifact store, never held in memory); a larger one is refused with 413
+    max_upload_bytes: int = Field(4 * 1024**3, ge=1024)
     # how often a model's writer compares the ledger's queued jobs with its Redis
     # queues and re-enqueues the ones Redis lost (a flush, a failed enqueue)
     reconcile_interval_s: float = Field(10.0, gt=0)

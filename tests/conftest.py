@@ -53,6 +53,7 @@ TEST_REDIS_DB = 15
 LOOPBACK = ("127.0.0.1", 50000)
 
 LEDGER_TABLES = (
+    "exports",
     "events",
     "guard_decisions",
     "evaluations",

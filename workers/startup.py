@@ -22,13 +22,13 @@ from rq import Queue
 from sqlalchemy.exc import IntegrityError as DbIntegrityError
 
 from service import VERSION, queue
+from service.artifacts import ArtifactError
 from service.ledger import jobs as ledger_jobs
 from service.ledger import models as ledger_models
 from service.ledger import versions as ledger_versions
 from service.ledger.sessions import get_engine, session_scope
 from service.ledger.tables import ArtifactKind, JobKind, JobStatus
 from service.settings import ModelSpec, Settings
-from workers.artifacts import ArtifactError
 from workers.editing.common.base import EditError
 from workers.editing.common.stats import Steps, stats_provider
 from workers.editing.hparams import METHODS, defaults_for, with_overrides

@@ -12,9 +12,9 @@ from typing import Any, ParamSpec, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
+from service.artifacts import ArtifactStore
 from service.ledger.sessions import get_engine, session_scope
 from service.settings import ModelSpec, Settings
-from workers.artifacts import ArtifactStore
 from workers.editing.common.stats import StatsCache
 from workers.editing.common.templates import TemplateCache
 from workers.evaluation.canary import CanaryCache

@@ -31,11 +31,11 @@ from rq import Queue, SimpleWorker
 from rq.exceptions import StopRequested
 from rq.job import Job as RqJob
 
+from service.artifacts import ArtifactStore
 from service.ledger.lease import WriterLease
 from service.presence import Phase, Presence
 from service.redis_clients import WORKER_TTL_S, command_client, worker_client
 from service.settings import Settings, get_settings
-from workers.artifacts import ArtifactStore
 from workers.editing.common.stats import StatsCache, Steps, run_steps
 from workers.editing.common.templates import TemplateCache
 from workers.evaluation.canary import CanaryCache

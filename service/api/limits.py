@@ -60,14 +60,22 @@ def admit(redis: Redis, settings: Settings, who: str) -> None:
         )
 
 
+def is_upload(scope: Scope) -> bool:
+    """A patch upload (``POST /v1/models/{m}/imports``): its route streams the body to
+    disk under its own cap (``settings.max_upload_bytes``)."""
+    path = str(scope.get("path", ""))
+    return scope.get("method") == "POST" and path.startswith("/v1/models/") and path.endswith("/imports")  # fmt: skip
+
+
 class BodyLimit:
-    """Refuse request bodies over ``max_bytes`` with 413 and memedit's error body."""
+    """Refuse request bodies over ``max_bytes`` with 413 and memedit's error body
+    (uploads, :func:`is_upload`, pass through: their route caps them as it streams)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or is_upload(scope):
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)

@@ -85,6 +85,39 @@ def mark_rejected(
     return by_job
 
 
+def add_imported(
+    session: Session,
+    model_id: int,
+    job_id: str,
+    version_id: int,
+    edits: Sequence[Mapping[str, Any]],
+) -> list[int]:
+    """The edits an imported patch carries, recorded as applied by the import's
+    version (``metrics.imported`` names where they came from); their ids."""
+    rows = []
+    for i, e in enumerate(edits):
+        rows.append(
+            Edit(
+                model_id=model_id,
+                job_id=job_id,
+                position=i,
+                method=str(e.get("method") or "import"),
+                prompt=str(e.get("prompt") or ""),
+                subject=str(e.get("subject") or ""),
+                target_new=str(e.get("target_new") or ""),
+                target_true=None if e.get("target_true") is None else str(e["target_true"]),
+                paraphrase_prompts=[str(p) for p in e.get("paraphrase_prompts") or []],
+                neighborhood_prompts=[str(p) for p in e.get("neighborhood_prompts") or []],
+                status=EditStatus.applied,
+                version_id=version_id,
+                metrics={"imported": {"edit_id": e.get("id"), "version": e.get("version")}},
+            )
+        )
+    session.add_all(rows)
+    session.flush()
+    return [r.id for r in rows]
+
+
 def align_after_rollback(
     session: Session, model_id: int, keep: Collection[int], others: Collection[int], target: int
 ) -> tuple[list[int], list[int]]:

@@ -8,7 +8,7 @@ cancellation (``POST /v1/jobs/{id}/cancel``).
   stops it at the next safe point (:func:`cancelled`): between two batches, or
   inside a batch of its own before the version is committed, so that nothing is half
   committed. Versions it committed before stay applied; its edits still queued
-  become ``cancelled``. A running rollback is one commit and cannot be stopped (409).
+  become ``cancelled``. A running rollback, export or import is one step and cannot be stopped (409).
 - A finished job cannot be cancelled (409).
 """
 
@@ -85,8 +85,8 @@ def cancel_job(session: Session, job_id: str) -> Job:
     if job.status is JobStatus.queued:
         _mark_cancelled(session, [job.id], CANCELLED_BY_OPERATOR)
         log.info("job %s cancelled while queued", job.id)
-    elif job.kind is JobKind.rollback:
-        raise Conflict("job_id", f"rollback job {job.id} is running: it is one commit and cannot be stopped")  # fmt: skip
+    elif job.kind in (JobKind.rollback, JobKind.export, JobKind.import_):
+        raise Conflict("job_id", f"{job.kind.value} job {job.id} is running: it is one step and cannot be stopped")  # fmt: skip
     elif not job.cancel_requested:
         job.cancel_requested = True
         job.message = "cancel requested: stopping at the next safe point"

@@ -155,8 +155,8 @@ def start_job(session: Session, job_id: str, model_id: int) -> Job | None:
     """The job that the queue entry of ``job_id`` runs, marked ``running`` (row-locked);
     None when there is nothing to run (the entry is then a no-op).
 
-    An evaluation entry runs its own job if it is still queued. An edit or rollback
-    entry runs the model's *oldest* queued edit or rollback job, usually ``job_id``
+    An evaluation entry runs its own job if it is still queued. Any other entry (edit,
+    rollback, export, import) runs the model's *oldest* queued job of those kinds, usually ``job_id``
     itself: the ledger's order holds whatever order Redis delivers the entries in
     (after a flush the reconciler re-enqueues lost jobs behind newer ones), and every
     queued job has an entry, so each job runs once, and a later entry finds nothing.
@@ -177,7 +177,7 @@ def start_job(session: Session, job_id: str, model_id: int) -> Job | None:
             .where(
                 Job.model_id == model_id,
                 Job.status == JobStatus.queued,
-                Job.kind.in_([JobKind.edit, JobKind.rollback]),
+                Job.kind != JobKind.evaluation,
             )
             .order_by(Job.created_at, Job.id)
             .limit(1)

@@ -12,6 +12,11 @@ class ChainError(ValueError):
     """The records do not form a valid chain to the version asked for."""
 
 
+# the kinds of version that carry a delta (a rollback carries none: its state is its
+# parent's); an import's parent is the base
+DELTA_KINDS = frozenset({"edit", "import"})
+
+
 @dataclass(frozen=True)
 class VersionRecord:
     """A ledger version as the runtime needs it (no database types).
@@ -23,7 +28,7 @@ class VersionRecord:
     """
 
     number: int
-    kind: str  # "base" | "edit" | "rollback"
+    kind: str  # "base" | "edit" | "rollback" | "import"
     parent_number: int | None = None
     delta_path: str | None = None
     delta_sha256: str | None = None
@@ -72,9 +77,9 @@ def plan_replay(
         if rec.snapshot_path is not None:
             start = "snapshot"
             break
-        if rec.kind == "edit":
+        if rec.kind in DELTA_KINDS:
             if rec.delta_path is None:
-                raise ChainError(f"edit version {number} has no delta artifact")
+                raise ChainError(f"{rec.kind} version {number} has no delta artifact")
             chain.append(rec)
         elif rec.kind != "rollback":
             raise ChainError(f"version {number} has unknown kind {rec.kind!r}")

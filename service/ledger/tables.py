@@ -18,6 +18,8 @@ derived: base weights (+ the snapshot nearest below N) + the ordered deltas.
   the model policy that queued it (unique per model, version and policy).
 - ``guard_decisions``: one row per staged update the guard judged (accepted or
   rejected), with its measurements (docs/guard.md).
+- ``exports``: one request to write a version out (a Hugging Face folder or a patch):
+  its job, the tar archive (an artifact) and the archive's manifest.
 - ``api_keys``: the API's keys (name, scopes, the sha256 of the secret); jobs,
   edits and versions record the name of the key that asked for them
   (``requested_by``).
@@ -293,6 +295,31 @@ class GuardDecision(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     version: Mapped[Version | None] = relationship(viewonly=True)
+
+
+class Export(Base):
+    """A version written out as a tar archive (docs/exports.md): ``format`` is ``hf``
+    (a Hugging Face folder) or ``patch`` (the touched tensors against the base); its
+    status is its job's; ``manifest`` summarises what the archive holds."""
+
+    __tablename__ = "exports"
+    __table_args__ = (Index("ix_exports_model_id_created_at", "model_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=_uuid)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    version_id: Mapped[int] = mapped_column(ForeignKey("versions.id"))
+    format: Mapped[str] = mapped_column(String(16))
+    artifact_id: Mapped[int | None] = mapped_column(ForeignKey("artifacts.id"))
+    manifest: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
+    error: Mapped[str | None] = mapped_column(Text)
+    requested_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    artifact: Mapped[Artifact | None] = relationship(viewonly=True)
+    job: Mapped[Job] = relationship(viewonly=True)
 
 
 class ApiKey(Base):

@@ -43,7 +43,7 @@ class LedgerMoved(Conflict):
 
 
 class StoredFile(Protocol):
-    """An artifact as the store wrote it (``workers.artifacts.StoredArtifact``)."""
+    """An artifact as the store wrote it (``service.artifacts.StoredArtifact``)."""
 
     path: str
     sha256: str

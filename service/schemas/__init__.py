@@ -25,6 +25,7 @@ from service.schemas.evaluations import (
     EvaluationPublic,
     EvaluationsPublic,
 )
+from service.schemas.exports import ExportCreate, ExportCreated, ExportPublic, export_public
 from service.schemas.jobs import EventPublic, JobCreated, JobPage, JobPublic
 from service.schemas.models import ModelPublic, PolicyUpdate
 from service.schemas.reads import (
@@ -61,6 +62,10 @@ __all__ = [
     "EvaluationJobCreated",
     "EvaluationPublic",
     "EvaluationsPublic",
+    "ExportCreate",
+    "ExportCreated",
+    "ExportPublic",
+    "export_public",
     "GenerateRequest",
     "GenerateResponse",
     "GuardDecisionPublic",

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -66,6 +67,8 @@ def test_up_serves_edits_and_stops_cleanly(tmp_path: Path) -> None:
                 k: base["tensor_sha256"][k] for k in touched
             }
             assert c.get("/v1/models").json()[0]["head_version"] == 2
+            _exports_through_the_cli(up.url, env, tmp_path, edit)
+            assert c.get("/v1/models").json()[0]["head_version"] == 3
         # the access log shows the user's requests, not up's own polls of /v1/models
         log = up.text()
         assert '"GET /v1/models/tiny/versions HTTP/1.1" 200' in log
@@ -73,6 +76,43 @@ def test_up_serves_edits_and_stops_cleanly(tmp_path: Path) -> None:
     # stopped (memedit_up asserted the clean exit and that nothing serves `data`)
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{up.url}/healthz", timeout=2)
+
+
+def _exports_through_the_cli(url: str, env: dict[str, str], tmp: Path, edit: dict[str, Any]) -> None:  # fmt: skip
+    """``memedit export`` (patch and hf) of version 1 while the head is the rollback,
+    ``memedit apply-patch`` onto the base folder with no service, and ``memedit
+    import-patch`` back into the model: every tensor as version 1's, by hash."""
+    from safetensors.torch import load_file
+
+    from workers.runtime.hashing import tensor_sha256
+
+    want = edit["tensor_sha256"]
+    for fmt, out in (("patch", tmp / "v1.tar"), ("hf", tmp / "v1-hf")):
+        done = _memedit("export", "--model", "tiny", "--version", "1", "--format", fmt,
+                        "--out", str(out), "--url", url, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"version 1 of tiny as {fmt}" in done.stdout
+    weights = load_file(tmp / "v1-hf" / "model.safetensors")
+    assert {n: tensor_sha256(weights[n]) for n in want} == want
+    applied = _memedit("apply-patch", str(tmp / "v1.tar"), "--base", str(tmp / "tiny"),
+                       "--out", str(tmp / "applied"), env=env)  # fmt: skip
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert "hash-equal to the manifest" in applied.stdout
+    weights = load_file(tmp / "applied" / "model.safetensors")
+    assert {n: tensor_sha256(weights[n]) for n in want} == want
+    # a base the patch was not made against is refused, and nothing is written
+    save_tiny(tmp / "other", seed=1)
+    wrong = _memedit("apply-patch", str(tmp / "v1.tar"), "--base", str(tmp / "other"),
+                     "--out", str(tmp / "wrong"), env=env)  # fmt: skip
+    assert wrong.returncode != 0 and "not the one the patch was made against" in wrong.stderr
+    assert not (tmp / "wrong").exists()
+    imported = _memedit("import-patch", str(tmp / "v1.tar"), "--model", "tiny", "--url", url,
+                        env=env)  # fmt: skip
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+    assert "imported as version [3] of tiny with 1 edit(s)" in imported.stdout
+    with httpx.Client(base_url=url, timeout=30) as c:
+        v3 = c.get("/v1/models/tiny/versions/3").json()
+    assert v3["kind"] == "import" and {n: v3["tensor_sha256"][n] for n in want} == want
 
 
 def _memedit(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -23,6 +23,9 @@ DELTA_FORMAT_VERSION = 1
 # delta that has some, so that a reader that knows only format 1 refuses it instead
 # of silently dropping the state; every other delta keeps format 1 and its bytes
 DELTA_FORMAT_AUX_FACTORS = 2
+# format 3 = format 2 plus ``values`` updates (a parameter set, not added to): written
+# only by a delta that has some (an imported patch)
+DELTA_FORMAT_VALUES = 3
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,17 @@ class DenseUpdate:
         return self.delta.to(torch.float32)
 
 
-Update = LowRankUpdate | DenseUpdate
+@dataclass
+class ValuesUpdate:
+    """The parameter's fp32 sum *becomes* ``value`` (not added to): an imported patch
+    (docs/exports.md), whose tensors are the exporting deployment's results. A delta
+    applies its values updates before its additive ones."""
+
+    param: str
+    value: torch.Tensor
+
+
+Update = LowRankUpdate | DenseUpdate | ValuesUpdate
 
 
 @dataclass
@@ -142,12 +155,22 @@ class WeightDelta:
         return list(seen)
 
     def dense(self) -> dict[str, torch.Tensor]:
-        """Parameter name → fp32 ΔW (summed when several updates share a parameter)."""
+        """Parameter name → fp32 ΔW of the additive updates (summed when several share
+        a parameter); :meth:`values` has the parameters the delta sets."""
         out: dict[str, torch.Tensor] = {}
         for u in self.updates:
+            if isinstance(u, ValuesUpdate):
+                continue
             d = u.dense()
             out[u.param] = d if u.param not in out else out[u.param] + d
         return out
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """Parameter name → the fp32 value a :class:`ValuesUpdate` sets (the last one
+        wins)."""
+        return {
+            u.param: u.value.to(torch.float32) for u in self.updates if isinstance(u, ValuesUpdate)
+        }
 
     def aux_increments(self) -> list[tuple[str, torch.Tensor]]:
         """The additive state this delta adds, as fp32 ``(name, tensor)`` pairs in a
@@ -162,14 +185,17 @@ class WeightDelta:
     def is_finite(self) -> bool:
         tensors: list[torch.Tensor] = [*self.aux.values(), *self.aux_factors.values()]
         for u in self.updates:
-            tensors += [u.left, u.right] if isinstance(u, LowRankUpdate) else [u.delta]
+            if isinstance(u, LowRankUpdate):
+                tensors += [u.left, u.right]
+            else:
+                tensors.append(u.value if isinstance(u, ValuesUpdate) else u.delta)
         finite = all(bool(torch.isfinite(t).all()) for t in tensors)
         return finite and all(m.is_finite() for m in self.modules.values())
 
     def norm(self) -> float:
         """Frobenius norm of the whole update (all parameters together)."""
         total = 0.0
-        for d in self.dense().values():
+        for d in [*self.dense().values(), *self.values().values()]:
             total += float(d.double().pow(2).sum())
         return total**0.5
 
@@ -183,6 +209,9 @@ class WeightDelta:
                 tensors[f"u{i}.left"] = u.left.detach().to(torch.float32).contiguous().cpu()
                 tensors[f"u{i}.right"] = u.right.detach().to(torch.float32).contiguous().cpu()
                 layout.append({"kind": "low_rank", "param": u.param})
+            elif isinstance(u, ValuesUpdate):
+                tensors[f"u{i}.values"] = u.value.detach().to(torch.float32).contiguous().cpu()
+                layout.append({"kind": "values", "param": u.param})
             else:
                 tensors[f"u{i}.delta"] = u.delta.detach().to(torch.float32).contiguous().cpu()
                 layout.append({"kind": "dense", "param": u.param})
@@ -200,8 +229,11 @@ class WeightDelta:
         # one metadata key holding sorted JSON: safetensors does not keep the order
         # of several keys, and the blob's bytes (its sha256 names the file) must
         # not depend on it
+        fmt = DELTA_FORMAT_AUX_FACTORS if self.aux_factors else DELTA_FORMAT_VERSION
+        if any(isinstance(u, ValuesUpdate) for u in self.updates):
+            fmt = DELTA_FORMAT_VALUES
         header = {
-            "format": DELTA_FORMAT_AUX_FACTORS if self.aux_factors else DELTA_FORMAT_VERSION,
+            "format": fmt,
             "method": self.method,
             "updates": layout,
             "meta": self.meta,
@@ -219,7 +251,8 @@ class WeightDelta:
         header_len = int.from_bytes(blob[:8], "little")
         metadata = json.loads(blob[8 : 8 + header_len]).get("__metadata__") or {}
         header = json.loads(metadata.get("memedit", "{}"))
-        if header.get("format") not in (DELTA_FORMAT_VERSION, DELTA_FORMAT_AUX_FACTORS):
+        known = (DELTA_FORMAT_VERSION, DELTA_FORMAT_AUX_FACTORS, DELTA_FORMAT_VALUES)
+        if header.get("format") not in known:
             raise ValueError(f"unsupported delta format {header.get('format')!r}")
         updates: list[Update] = []
         for i, entry in enumerate(header["updates"]):
@@ -227,6 +260,8 @@ class WeightDelta:
                 updates.append(
                     LowRankUpdate(entry["param"], tensors[f"u{i}.left"], tensors[f"u{i}.right"])
                 )
+            elif entry["kind"] == "values":
+                updates.append(ValuesUpdate(entry["param"], tensors[f"u{i}.values"]))
             else:
                 updates.append(DenseUpdate(entry["param"], tensors[f"u{i}.delta"]))
         aux = {k[4:]: v for k, v in tensors.items() if k.startswith("aux.")}

@@ -1,5 +1,5 @@
 """The job functions the rq worker runs, by dotted path: ``workers.jobs.run_job``
-(edit, rollback and evaluation jobs of the ledger), ``workers.jobs.score`` and
+(edit, rollback, export, import and evaluation jobs of the ledger), ``workers.jobs.score`` and
 ``workers.jobs.generate`` (reads). Each takes the worker's state first (passed by the
 worker, :func:`~workers.state.needs_state`); the queue carries the rest.
 
@@ -11,6 +11,7 @@ failed with the reason, and the exception is re-raised so that rq records it too
 job whose ledger row is already finished does nothing.
 
 One module per kind: :mod:`~workers.jobs.edit`, :mod:`~workers.jobs.rollback`,
+:mod:`~workers.jobs.export` (exports and imports),
 :mod:`~workers.jobs.evaluation`, :mod:`~workers.jobs.reads`.
 """
 
@@ -23,7 +24,7 @@ from service import logs
 from service.ledger import jobs as ledger_jobs
 from service.ledger.lease import JobClaim
 from service.ledger.tables import JobKind
-from workers.jobs import edit, evaluation, reads, rollback
+from workers.jobs import edit, evaluation, export, reads, rollback
 from workers.jobs.common import JobCancelled, fail, finish, is_ledger_outage, wait_for_ledger
 from workers.startup import sync_to_head
 from workers.state import WorkerState, needs_state
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @needs_state
 def run_job(state: WorkerState, job_id: str) -> dict[str, Any] | None:
-    """Run an edit, rollback or evaluation job from the ledger (:func:`_run`).
+    """Run a job of the ledger (:func:`_run`).
 
     A ledger outage during the job fails nothing: the worker waits until the ledger
     answers again (:func:`~workers.jobs.common.wait_for_ledger`), then puts the
@@ -81,8 +82,8 @@ def _run(state: WorkerState, job_id: str) -> dict[str, Any] | None:
 def _start(state: WorkerState, job_id: str) -> dict[str, Any] | None:
     """Start job ``job_id`` (or the older one its entry runs) and run it.
 
-    The entry of an edit or rollback job runs the model's oldest queued edit or
-    rollback job (:func:`service.ledger.jobs.start_job`: the ledger's order, not
+    The entry of any job but an evaluation runs the model's oldest queued such job
+    (:func:`service.ledger.jobs.start_job`: the ledger's order, not
     Redis's); an entry that finds nothing queued (its job finished, or taken along
     into another job's batches) is a no-op. An edit job may take
     other queued edit jobs along (:mod:`workers.batching`).
@@ -105,13 +106,19 @@ def _run_kind(state: WorkerState, job_id: str, kind: JobKind) -> dict[str, Any] 
         return edit.run_edits(state, job_id)
     if kind is JobKind.evaluation:
         return evaluation.run_evaluation(state, job_id)
+    run = {
+        JobKind.rollback: rollback.run_rollback,
+        JobKind.export: export.run_export,
+        JobKind.import_: export.run_import,
+    }[kind]
     try:
         sync_to_head(state)
-        result = rollback.run_rollback(state, job_id)
+        result = run(state, job_id)
     except Exception as exc:
         fail(state, job_id, exc)
         raise
-    finish(state, [job_id], result)
+    if kind is JobKind.rollback:  # exports and imports finish in their last transaction
+        finish(state, [job_id], result)
     log.info("job %s succeeded: %s", job_id, result.get("versions"))
     return result
 

@@ -38,9 +38,16 @@ from typing import Any
 import torch
 from transformers.pytorch_utils import Conv1D
 
+from service.artifacts import ArtifactStore
 from service.ledger.records import ChainError, VersionRecord, plan_replay, same_state_versions
-from workers.artifacts import ArtifactStore
-from workers.editing.types import DenseUpdate, LowRankUpdate, ModuleState, Update, WeightDelta
+from workers.editing.types import (
+    DenseUpdate,
+    LowRankUpdate,
+    ModuleState,
+    Update,
+    ValuesUpdate,
+    WeightDelta,
+)
 from workers.models.loading import LoadedModel
 from workers.runtime import snapshots
 from workers.runtime.hashing import IntegrityError, tensor_sha256
@@ -222,7 +229,8 @@ class ModelRuntime:
         self._hash_cache.pop(name, None)
 
     def _dense(self, delta: WeightDelta) -> dict[str, torch.Tensor]:
-        """Validate a delta and return canonical name → fp32 ΔW on the parameter's device.
+        """Validate a delta and return canonical name → fp32 ΔW on the parameter's device
+        (additive updates; :meth:`_values` has what it sets).
 
         The factors are first cast to fp32 exactly as ``WeightDelta.to_bytes`` stores
         them, so staging and a later replay from the artifact compute the same bits.
@@ -239,6 +247,8 @@ class ModelRuntime:
                 updates.append(LowRankUpdate(canon, _f32(u.left, dev), _f32(u.right, dev)))
             elif isinstance(u, DenseUpdate):
                 updates.append(DenseUpdate(canon, _f32(u.delta, dev)))
+            elif isinstance(u, ValuesUpdate):
+                continue  # :meth:`_values`
             else:
                 raise TypeError(f"unsupported update type {type(u).__name__}")
         dense = WeightDelta(method=delta.method, updates=updates).dense()
@@ -249,6 +259,37 @@ class ModelRuntime:
             if not bool(torch.isfinite(d).all()):
                 raise ValueError(f"refusing a delta whose ΔW for {name} is not finite")
         return dense
+
+    def _values(self, delta: WeightDelta) -> dict[str, torch.Tensor]:
+        """Canonical name → the fp32 value the delta's :class:`ValuesUpdate` sets, on
+        the parameter's device (validated: shape, finite)."""
+        out: dict[str, torch.Tensor] = {}
+        for u in delta.updates:
+            if not isinstance(u, ValuesUpdate):
+                continue
+            canon = self.canonical(u.param)
+            p = self._params[canon]
+            value = _f32(u.value, p.device)
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"values for {canon} have shape {tuple(value.shape)}, expected {tuple(p.shape)}")  # fmt: skip
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"refusing values for {canon} that are not finite")
+            out[canon] = value
+        return out
+
+    def _apply_to(
+        self, acc: Mapping[str, torch.Tensor], delta: WeightDelta
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The accumulators ``delta`` changes, from ``acc`` (its values first, then its
+        additive updates, one fp32 addition each), and each one's change: the ΔW of
+        an additive update, ``value − before`` of a set one."""
+        dense = self._dense(delta)
+        new = self._values(delta)
+        change = {name: value - self._start(name, acc) for name, value in new.items()}
+        for name, d in dense.items():
+            new[name] = self._start(name, {**acc, **new}) + d
+            change[name] = d if name not in change else new[name] - self._start(name, acc)
+        return new, change
 
     def _start(self, name: str, acc: Mapping[str, torch.Tensor]) -> torch.Tensor:
         have = acc.get(name)
@@ -263,10 +304,8 @@ class ModelRuntime:
             raise RuntimeError("a staged delta is pending: commit or discard it first")
         if self.current_version is None:
             raise RuntimeError("the runtime is not at a known version: sync first")
-        dense = self._dense(delta)
-        new: dict[str, torch.Tensor] = {}
-        for name, d in dense.items():
-            new[name] = self._start(name, self._acc) + d
+        new, changes = self._apply_to(self._acc, delta)
+        for name in new:
             if not bool(torch.isfinite(new[name]).all()):
                 raise ValueError(f"refusing a delta that makes {name} non-finite")
         prev_acc = {name: self._acc.get(name) for name in new}
@@ -276,7 +315,7 @@ class ModelRuntime:
             self._write(name, value)
         for s in self.states:
             s.apply(delta)
-        norm = sum(float(d.double().pow(2).sum()) for d in dense.values()) ** 0.5
+        norm = sum(float(d.double().pow(2).sum()) for d in changes.values()) ** 0.5
         drift = self.drift()
         staged = Staged(
             parent_version=self.current_version,
@@ -360,8 +399,7 @@ class ModelRuntime:
                 if progress is not None:
                     progress(i / max(len(plan.deltas), 1), f"replaying version {rec.number}")
                 delta = WeightDelta.from_bytes(store.get(rec.delta_path, rec.delta_sha256))
-                for name, d in self._dense(delta).items():
-                    acc[name] = self._start(name, acc) + d
+                acc.update(self._apply_to(acc, delta)[0])
                 for s in self.states:
                     s.apply(delta)
         except BaseException:

@@ -45,6 +45,11 @@ ROUTES: dict[tuple[str, str], tuple[str, dict[str, Any] | None, int]] = {
     ("GET", "/v1/models/{model}/edits/{edit_id}"): ("reads", None, 404),
     ("GET", "/v1/models/{model}/versions/{number}"): ("reads", None, 200),
     ("GET", "/v1/models/{model}/series/{name}"): ("reads", None, 200),
+    ("POST", "/v1/models/{model}/exports"): ("edits:write", {"format": "patch"}, 202),
+    ("GET", "/v1/models/{model}/exports/{export_id}"): ("reads", None, 404),
+    ("GET", "/v1/models/{model}/exports/{export_id}/download"): ("reads", None, 404),
+    # the body is the archive itself: JSON is no tar (tests/workers/jobs/test_export.py)
+    ("POST", "/v1/models/{model}/imports"): ("edits:write", {"not": "a tar"}, 422),
 }
 # query strings the calls need (an endless stream that ends at once)
 QUERY = {("GET", "/v1/models/{model}/events"): "?follow=false"}
@@ -67,7 +72,7 @@ def keys(client: TestClient, clean_db: Engine) -> dict[str, str]:
 def _call(client: TestClient, route: tuple[str, str], secret: str | None) -> Any:
     method, template = route
     path = template.format(model=MODEL, job_id=JOB, evaluation_id=1, edit_id=1, number=0,
-                           name="drift") + QUERY.get(route, "")  # fmt: skip
+                           name="drift", export_id=JOB) + QUERY.get(route, "")  # fmt: skip
     body = ROUTES[route][1]
     headers = {"Authorization": f"Bearer {secret}"} if secret else {}
     return client.request(method, path, json=body, headers=headers)

@@ -10,12 +10,17 @@ request (4xx) leaves every ledger table's row count as it was."""
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
@@ -28,6 +33,35 @@ from tests.served import serve
 pytestmark = pytest.mark.e2e
 
 EXAMPLES = 25  # per operation
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+# the import's body is a tar archive: random bytes, and archives that are tars but
+# not patches, or patches of tensors no base here has
+_MANIFEST = {"format": "memedit-patch", "format_version": 1, "edits": [],
+             "tensors": {"w": {"base_sha256": "0" * 64, "sha256": "1" * 64}}}  # fmt: skip
+schemathesis.openapi.media_type(
+    "application/x-tar",
+    st.one_of(
+        st.binary(max_size=64),
+        st.sampled_from(
+            [
+                _tar({}),
+                _tar({"manifest.json": b"{"}),
+                _tar({"manifest.json": json.dumps(_MANIFEST).encode()}),
+            ]
+        ),
+    ),  # fmt: skip
+)
 SCHEMA = schemathesis.openapi.from_dict(create_app(Settings()).openapi())
 READS = ("/v1/models/{model}/score", "/v1/models/{model}/generate")
 OPEN_PATHS = ("/healthz", "/healthz/workers", "/metrics")
@@ -70,6 +104,7 @@ def test_fuzzed_requests_get_documented_answers(
     url: str,
     clean_db: Engine,
     admin: dict[str, str],
+    api_settings: Settings,
 ) -> None:
     before = _rows(clean_db)
     with requests.Session() as http:
@@ -92,3 +127,5 @@ def test_fuzzed_requests_get_documented_answers(
         assert "no worker serves" in resp.json()["detail"], what
     if 400 <= status < 500:
         assert _rows(clean_db) == before, f"a refused request stored something: {what}"
+        kept = list((Path(api_settings.artifact_dir) / "upload").rglob("*.tar"))
+        assert not kept, f"a refused upload was kept: {what}"

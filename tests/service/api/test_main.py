@@ -30,6 +30,10 @@ def test_openapi_lists_the_contract(client: TestClient) -> None:
         "/v1/models/{model}/alerts",
         "/v1/models/{model}/policy",
         "/v1/models/{model}/guard-decisions",
+        "/v1/models/{model}/exports",
+        "/v1/models/{model}/exports/{export_id}",
+        "/v1/models/{model}/exports/{export_id}/download",
+        "/v1/models/{model}/imports",
     }
     assert client.get("/docs").status_code == 200
 

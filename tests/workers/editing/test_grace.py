@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.artifacts import ArtifactStore
 from tests.tiny_models import (
     REQUESTS,
     TINY_KINDS,
@@ -19,7 +20,6 @@ from tests.tiny_models import (
     tiny_hparams,
     tiny_model,
 )
-from workers.artifacts import ArtifactStore
 from workers.editing.common.base import EditError
 from workers.editing.common.codebook import Codebook, codebook_output, nearest_keys
 from workers.editing.grace import COVER_MARGIN, place

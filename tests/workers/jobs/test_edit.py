@@ -497,7 +497,9 @@ def api_generate(client: TestClient, settings: Settings, redis: Redis) -> dict[s
         drain(settings, redis)
         time.sleep(0.05)
     t.join(timeout=5)
-    assert len(answers) == len(GRACE_FACTS) and all(a.status_code == 200 for a in answers.values())
+    assert len(answers) == len(GRACE_FACTS) and all(
+        a.status_code == 200 for a in answers.values()
+    ), {k: a.text for k, a in answers.items()}
     versions_seen = {a.json()["version"] for a in answers.values()}
     assert len(versions_seen) == 1
     return {"version": versions_seen.pop(), **{k: a.json()["text"] for k, a in answers.items()}}

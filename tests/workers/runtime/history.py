@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PretrainedConfig
 
-from workers.artifacts import ArtifactStore
+from service.artifacts import ArtifactStore
 from workers.editing.types import (
     DenseUpdate,
     LowRankUpdate,

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
+from service.artifacts import ArtifactStore
 from tests.workers.runtime.history import (
     build_history,
     tiny_model,
 )
-from workers.artifacts import ArtifactStore
 from workers.editing.types import (
     LowRankUpdate,
     WeightDelta,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.artifacts import ArtifactCorrupt, ArtifactStore
 from tests.workers.runtime.history import (
     ARCHS,
     all_hashes,
@@ -16,7 +17,6 @@ from tests.workers.runtime.history import (
     random_delta,
     tiny_model,
 )
-from workers.artifacts import ArtifactCorrupt, ArtifactStore
 from workers.editing.types import (
     DenseUpdate,
     LowRankUpdate,

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.artifacts import ArtifactStore
 from tests.workers.runtime.history import (
     ARCHS,
     CountingStore,
@@ -17,7 +18,6 @@ from tests.workers.runtime.history import (
     random_delta,
     tiny_model,
 )
-from workers.artifacts import ArtifactStore
 from workers.runtime import (
     IntegrityError,
     ModelRuntime,

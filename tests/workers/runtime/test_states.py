@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.artifacts import ArtifactStore
 from tests import tiny_models
 from tests.workers.runtime.history import (
     build_history,
     factored_history,
     tiny_model,
 )
-from workers.artifacts import ArtifactStore
 from workers.editing.common.stats import StatsCache, stats_provider
 from workers.editing.hparams import defaults_for, with_overrides
 from workers.editing.registry import get_editor

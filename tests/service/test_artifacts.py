@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from workers.artifacts import ArtifactCorrupt, ArtifactMissing, ArtifactStore, StoredArtifact
+from service.artifacts import ArtifactCorrupt, ArtifactMissing, ArtifactStore, StoredArtifact
 
 
 def test_put_stores_under_kind_and_hash(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
-"""Content-addressed artifact store: deltas, snapshots and statistics as files.
+"""Content-addressed artifact store: deltas, snapshots, statistics and archives as files.
 
-Every artifact is one safetensors blob stored at ``<kind>/<sha256[:2]>/<sha256>.safetensors``
-under the store's root. The ledger keeps the relative path and the sha256; reading
+Every artifact is one file stored at ``<kind>/<sha256[:2]>/<sha256><suffix>`` under the
+store's root (``.safetensors`` unless said otherwise; exports are ``.tar``). The ledger keeps the relative path and the sha256; reading
 an artifact back with its recorded hash verifies it, so a truncated or altered file
 is refused (:class:`ArtifactCorrupt`) instead of silently replayed.
 
@@ -23,6 +23,8 @@ from pathlib import Path, PurePosixPath
 log = logging.getLogger(__name__)
 
 _KIND = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
+_SUFFIX = re.compile(r"^\.[a-z0-9]+(\.[a-z0-9]+)*$")
+_CHUNK = 1 << 20
 SUFFIX = ".safetensors"
 
 
@@ -64,11 +66,13 @@ class ArtifactStore:
 
     # -- paths ----------------------------------------------------------------------
     @staticmethod
-    def relative_path(kind: str, sha256: str) -> str:
+    def relative_path(kind: str, sha256: str, suffix: str = SUFFIX) -> str:
         """The path an artifact of ``kind`` with this hash is stored under."""
         if not _KIND.match(kind):
             raise ValueError(f"invalid artifact kind {kind!r} (lowercase letters, digits, - and _)")
-        return f"{kind}/{sha256[:2]}/{sha256}{SUFFIX}"
+        if not _SUFFIX.match(suffix):
+            raise ValueError(f"invalid artifact suffix {suffix!r}")
+        return f"{kind}/{sha256[:2]}/{sha256}{suffix}"
 
     def _resolve(self, path: str) -> Path:
         rel = PurePosixPath(path)
@@ -116,3 +120,40 @@ class ArtifactStore:
 
     def exists(self, path: str) -> bool:
         return self._resolve(path).is_file()
+
+    def local_path(self, path: str) -> Path:
+        """Where the artifact ``path`` lies on this machine (to stream it); raises
+        :class:`ArtifactMissing` when it is not there."""
+        file = self._resolve(path)
+        if not file.is_file():
+            raise ArtifactMissing(f"artifact not found: {path} (store {self.root})")
+        return file
+
+    def scratch(self, prefix: str) -> Path:
+        """A new empty directory inside the store, for building a large artifact on
+        the same file system it is renamed into (the caller removes it)."""
+        base = self.root / ".scratch"
+        base.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+    def put_file(self, kind: str, source: Path, suffix: str) -> StoredArtifact:
+        """Store the file ``source`` under its sha256 (read in chunks, never whole in
+        memory) by renaming it into place; ``source`` is gone afterwards. For large
+        artifacts (export archives): build them in :meth:`scratch`."""
+        h = hashlib.sha256()
+        size = 0
+        with source.open("rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                h.update(chunk)
+                size += len(chunk)
+            os.fsync(f.fileno())
+        digest = h.hexdigest()
+        rel = self.relative_path(kind, digest, suffix)
+        final = self._resolve(rel)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.is_file() and final.stat().st_size == size:
+            source.unlink()
+        else:
+            os.replace(source, final)
+        log.debug("stored %s (%d bytes)", rel, size)
+        return StoredArtifact(path=rel, sha256=digest, size_bytes=size)
