@@ -186,7 +186,7 @@ def main() -> None:
         "apply-patch and hf folder give equal log-probs": (applied_new, applied_true)
         == (tok_new, tok_true),  # fmt: skip
         "import-patch's version hashes as the exported one": all(
-            imported.tensor_sha256.get(n) == h for n, h in want.items()
+            imported.tensor_sha256.get(n) == h for n, h in version.tensor_sha256.items()
         ),  # fmt: skip
         "the edits win in the exported model as in the service": wins == served_wins,
     }
