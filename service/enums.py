@@ -32,6 +32,7 @@ class EditStatus(str, enum.Enum):
     rejected = "rejected"
     failed = "failed"
     reverted = "reverted"
+    superseded = "superseded"  # replaced by a later edit of the same subject and prompt
     cancelled = "cancelled"
 
 

@@ -89,6 +89,12 @@ class ModelSpec(BaseModel):
         250, ge=0, le=60_000, description="how long the writer waits to fill a batch"
     )
     guard: GuardPolicy = Field(default_factory=GuardPolicy)
+    supersede: Literal["auto", "never"] = Field(
+        "auto",
+        description="auto: an edit whose subject and prompt match an applied edit replaces "
+        "it (the old one becomes superseded, its target pushed back under its value before "
+        "it); never: every edit is added on top",
+    )
     evaluations: EvaluationPolicies = Field(
         default_factory=list, description="initial evaluation policy (suites run every N versions)"
     )
@@ -101,6 +107,7 @@ class ModelSpec(BaseModel):
             "max_batch": self.max_batch,
             "max_wait_ms": self.max_wait_ms,
             "guard": self.guard.model_dump(mode="json"),
+            "supersede": self.supersede,
         }
 
     def initial_evaluations(self) -> list[dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The ``edits`` aggregate: a model's edits, listed for the API; for the workers,
 the queued edits of the jobs they hold, and each edit's outcome (applied, rejected,
-failed, reverted or restored by a rollback)."""
+failed, superseded, reverted or restored by a rollback)."""
 
 from __future__ import annotations
 
@@ -146,11 +146,67 @@ def align_after_rollback(
             )
         )
 
-    reverted = move(
-        EditStatus.applied, EditStatus.reverted, off_chain, f"rolled back to version {target}"
-    )
+    why = f"rolled back to version {target}"
+    reverted = move(EditStatus.applied, EditStatus.reverted, off_chain, why)
+    reverted += move(EditStatus.superseded, EditStatus.reverted, off_chain, why)
     restored = move(EditStatus.reverted, EditStatus.applied, on_chain, None)
-    return sorted(reverted), sorted(restored)
+    restored += _realign_superseded(session, model_id)
+    return sorted(reverted), sorted(set(restored))
+
+
+def _realign_superseded(session: Session, model_id: int) -> list[int]:
+    """Of the edits on the head's chain, one is superseded iff the edit that
+    superseded it holds (is applied); the ids that became applied."""
+    newer = Edit.__table__.alias("newer")
+    holds = (
+        select(newer.c.id)
+        .where(newer.c.id == Edit.superseded_by, newer.c.status == EditStatus.applied)
+        .exists()
+    )
+    back = list(
+        session.scalars(
+            update(Edit)
+            .where(Edit.model_id == model_id, Edit.status == EditStatus.superseded, ~holds)
+            .values(status=EditStatus.applied, reason=None)
+            .returning(Edit.id)
+        )
+    )
+    session.execute(
+        update(Edit)
+        .where(Edit.model_id == model_id, Edit.status == EditStatus.applied,
+               Edit.superseded_by.is_not(None), holds)
+        .values(status=EditStatus.superseded, reason=None)
+    )  # fmt: skip
+    return back
+
+
+def active_matches(
+    session: Session, model_id: int, keys: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], Edit]:
+    """The applied edit of each ``(subject, prompt)`` in ``keys`` that has one: what a
+    new request of that subject and prompt supersedes (the newest, should there be
+    several: an import can bring a second)."""
+    if not keys:
+        return {}
+    subjects = sorted({subject for subject, _ in keys})
+    rows = session.scalars(
+        select(Edit)
+        .where(Edit.model_id == model_id, Edit.status == EditStatus.applied,
+               Edit.subject.in_(subjects))
+        .order_by(Edit.id)
+    )  # fmt: skip
+    return {(e.subject, e.prompt): e for e in rows if (e.subject, e.prompt) in keys}
+
+
+def mark_superseded(session: Session, pairs: Mapping[int, int]) -> None:
+    """Each edit ``old`` of ``pairs`` (new id → old id) is superseded by ``new``."""
+    for new, old in pairs.items():
+        session.execute(
+            update(Edit)
+            .where(Edit.id == old)
+            .values(status=EditStatus.superseded, superseded_by=new,
+                    reason=f"superseded by edit {new}")
+        )  # fmt: skip
 
 
 def chain_edits(
@@ -167,6 +223,16 @@ def chain_edits(
             .order_by(Version.number, Edit.id)
         ).all()
     ]
+
+
+def chain_active_edits(
+    session: Session, model_id: int, numbers: Collection[int]
+) -> list[tuple[Edit, int]]:
+    """:func:`chain_edits` less those superseded on the same chain (the edit that
+    replaced them is among them): the facts the versions ``numbers`` hold, once each."""
+    rows = chain_edits(session, model_id, numbers)
+    ids = {e.id for e, _ in rows}
+    return [(e, n) for e, n in rows if e.superseded_by is None or e.superseded_by not in ids]
 
 
 def recall_candidates(session: Session, model_id: int, k: int) -> list[Edit]:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from service.errors import NotFound
 from service.jsonsafe import json_safe
 from service.ledger import events
-from service.ledger.edits import chain_edits
+from service.ledger.edits import chain_active_edits
 from service.ledger.jobs import add_job, create_rollback_job
 from service.ledger.models import get_model, head_version_number, model_policies
 from service.ledger.paging import Page, check_limit, decode_cursor, page
@@ -374,7 +374,8 @@ def _queue_rollback(session: Session, ev: Evaluation) -> tuple[str | None, dict[
 
 def chain_edit_cases(session: Session, model_id: int, number: int) -> list[dict[str, Any]]:
     """The edits applied on version ``number``'s chain, in the order they were applied
-    (version, then acceptance order), as the retention suite reads them.
+    (version, then acceptance order), as the retention suite reads them: an edit
+    superseded by a later one of the chain is left out (each fact counts once).
 
     The chain, not the edits' current status, decides: evaluating a version that a
     later rollback left behind still sees the edits it held. An edit whose client gave
@@ -390,5 +391,5 @@ def chain_edit_cases(session: Session, model_id: int, number: int) -> list[dict[
             "target_true": e.target_true or (e.metrics or {}).get("target_true_inferred"),
             "version": n,
         }
-        for e, n in chain_edits(session, model_id, numbers)
+        for e, n in chain_active_edits(session, model_id, numbers)
     ]

@@ -139,7 +139,10 @@ class Job(Base):
 
 class Edit(Base):
     __tablename__ = "edits"
-    __table_args__ = (Index("ix_edits_model_status_id", "model_id", "status", "id"),)
+    __table_args__ = (
+        Index("ix_edits_model_status_id", "model_id", "status", "id"),
+        Index("ix_edits_model_subject", "model_id", "subject"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id"))
@@ -159,6 +162,11 @@ class Edit(Base):
     # efficacy/paraphrase/neighborhood after, pre_* before, plus per-prompt log-probs
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
     reason: Mapped[str | None] = mapped_column(Text)
+    # the later edit of the same subject and prompt that replaced this one (kept after
+    # a rollback makes this one applied again: the status says which holds)
+    superseded_by: Mapped[int | None] = mapped_column(
+        ForeignKey("edits.id", name="fk_edits_superseded_by")
+    )
     requested_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(

@@ -81,6 +81,9 @@ class EditPublic(Public):
     version: VersionNumber = Field(description="number of the version that applied the edit")
     metrics: JsonDict | None
     reason: str | None
+    superseded_by: int | None = Field(
+        None, description="the later edit of the same subject and prompt that replaced this one"
+    )
     created_at: datetime
     requested_by: str | None = Field(None, description="the name of the API key that asked for it")
 

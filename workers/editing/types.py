@@ -42,6 +42,10 @@ class EditRequest:
     target_true: str | None = None
     paraphrase_prompts: tuple[str, ...] = ()
     neighborhood_prompts: tuple[str, ...] = ()
+    # targets that must not win after the edit, each with the highest mean per-token
+    # log-probability it may keep after the prompt: the target of the edit this one
+    # supersedes, at its value before that edit (docs/editing.md, "Supersede")
+    suppress: tuple[tuple[str, float], ...] = ()
 
     @property
     def text(self) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -42,10 +42,16 @@ from workers.batching import batch_size, next_batch
 from workers.editing.registry import get_editor
 from workers.editing.types import EditContext, EditRequest
 from workers.evaluation.scoring import counterfact_scores
-from workers.evaluation.scoring import generate as greedy_generate
 from workers.jobs import evaluation
 from workers.jobs import guard as job_guard
 from workers.jobs.common import JobCancelled, cancel_requested, cancelled, fail, finish, progress
+from workers.jobs.edit_requests import (
+    Suppress,
+    find_superseded,
+    metrics_row,
+    request_of,
+    with_target_true,
+)
 from workers.runtime import Staged
 from workers.startup import (
     CODE_VERSION,
@@ -293,41 +299,6 @@ def _drop_queue_entries(job_ids: Sequence[str]) -> None:
 # -- one batch, one version ------------------------------------------------------------
 
 
-def request_of(e: Edit) -> EditRequest:
-    return EditRequest(
-        prompt=e.prompt,
-        subject=e.subject,
-        target_new=e.target_new,
-        target_true=e.target_true,
-        paraphrase_prompts=tuple(e.paraphrase_prompts or ()),
-        neighborhood_prompts=tuple(e.neighborhood_prompts or ()),
-    )
-
-
-def _with_target_true(state: WorkerState, req: EditRequest) -> tuple[EditRequest, bool]:
-    """Metrics compare target_new with the true object. Without one, use what the
-    unedited model says (its greedy continuation's first word) and flag it."""
-    if req.target_true:
-        return req, False
-    rt = state.runtime
-    text = greedy_generate(rt.model, rt.tokenizer, req.text, 6).strip()
-    word = text.split()[0].strip(".,;:!?\"'()") if text.split() else ""
-    return replace(req, target_true=word or "the"), True
-
-
-def metrics_row(
-    before: dict[str, Any], after: dict[str, Any], inferred_true: str | None
-) -> dict[str, Any]:
-    """An edit's metrics: the scores after the edit, ``pre_<name>`` before it, and the
-    target_true inferred when the client gave none."""
-    row: dict[str, Any] = dict(after)
-    for key, value in before.items():
-        row[f"pre_{key}"] = value
-    if inferred_true is not None:
-        row["target_true_inferred"] = inferred_true
-    return row
-
-
 def _apply_batch(
     state: WorkerState,
     job_id: str,
@@ -343,11 +314,17 @@ def _apply_batch(
     the guard rejects the update (then :class:`~workers.jobs.guard.GuardRejected`)."""
     rt = state.runtime
     t_start = time.perf_counter()
-    requests = [request_of(e) for e in group]
+    supersedes = find_superseded(state, group)
+    requests = [
+        replace(request_of(e), suppress=supersedes[e.id][1])
+        if e.id in supersedes
+        else request_of(e)
+        for e in group
+    ]
     scored: list[EditRequest] = []
     inferred: list[str | None] = []  # the target_true used when the client gave none
     for r in requests:
-        r2, was_inferred = _with_target_true(state, r)
+        r2, was_inferred = with_target_true(state, r)
         scored.append(r2)
         inferred.append(r2.target_true if was_inferred else None)
     ctx = EditContext(
@@ -376,8 +353,9 @@ def _apply_batch(
 
     def commit(staged: Staged, outcome: pipeline.Outcome) -> int:
         return _commit(
-            state, job_id, method, hparams, group, staged, outcome, inferred, extra_timing, t_start
-        )
+            state, job_id, method, hparams, group, staged, outcome, inferred, extra_timing,
+            t_start, supersedes,
+        )  # fmt: skip
 
     outcome = pipeline.apply_update(
         rt,
@@ -416,10 +394,12 @@ def _commit(
     inferred: list[str | None],
     extra_timing: dict[str, float] | None,
     t_start: float,
+    supersedes: Mapping[int, tuple[int, Suppress]],
 ) -> int:
     """The version of one accepted update, in one transaction: the version row and its
-    artifacts, the guard's decision, the edits' metrics and statuses, each job's
-    result, and the evaluation jobs the policies ask for (queued after the commit)."""
+    artifacts, the guard's decision, the edits' metrics and statuses (the edits they
+    supersede too), each job's result, and the evaluation jobs the policies ask for
+    (queued after the commit)."""
     rt = state.runtime
     stored_delta = state.store.put("delta", outcome.delta.to_bytes())
     check = outcome.judgement if isinstance(outcome.judgement, job_guard.GuardCheck) else None
@@ -436,6 +416,9 @@ def _commit(
             group, outcome.before or [], outcome.after or [], inferred, strict=True
         )
     }
+    for new_id, (old_id, suppressed) in supersedes.items():
+        rows_by_edit[new_id]["supersedes"] = old_id
+        rows_by_edit[new_id]["suppressed"] = [list(x) for x in suppressed]
     with state.ledger() as s:
         if rt.current_version is None:
             raise RuntimeError("the runtime is at no known version")
@@ -475,6 +458,7 @@ def _commit(
         if check is not None:
             job_guard.record(s, state, job_id, method, group, check, version.id)
         ledger_edits.mark_applied(s, version.id, rows_by_edit)
+        ledger_edits.mark_superseded(s, {n: old for n, (old, _) in supersedes.items()})
         by_job: dict[str, dict[str, Any]] = {}
         for e in group:
             by_job.setdefault(e.job_id, {})[str(e.id)] = rows_by_edit[e.id]

@@ -77,8 +77,9 @@ def run_export(state: WorkerState, job_id: str) -> dict[str, Any]:
         number, fmt = int(payload["version"]), str(payload["format"])
         on_chain = chain(records, number)
         # every edit a version of the chain applied is in its weights, whatever its
-        # status at the head (a later rollback marks it reverted)
-        active = [_edit_dict(e, n) for e, n in ledger_edits.chain_edits(s, state.model_id, on_chain)]  # fmt: skip
+        # status at the head (a later rollback marks it reverted), less those a later
+        # edit of the chain superseded
+        active = [_edit_dict(e, n) for e, n in ledger_edits.chain_active_edits(s, state.model_id, on_chain)]  # fmt: skip
     head = max(records)
     t0 = time.perf_counter()
     progress(state, job_id, 0.05, f"rebuilding version {number}", stoppable=False)

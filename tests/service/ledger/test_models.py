@@ -29,6 +29,7 @@ def test_sync_models_inserts_missing_names_once(session: Session, api_settings: 
         "max_batch": 4,
         "max_wait_ms": 50,
         "guard": GuardPolicy().model_dump(),
+        "supersede": "auto",
         "evaluations": [],
     }
 

@@ -8,7 +8,13 @@ every context-template prompt, minimising
          + kl_factor · KL(P_δ[· | s is a] ‖ P[· | s is a])           (essence drift)
          + v_weight_decay · ‖δ‖ / ‖v₀‖²                              (as the reference code)
 
-with ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ after each Adam step. Several requests are
+with ‖δ‖ ≤ clamp_norm_factor · ‖v₀‖ after each Adam step. A request that supersedes
+an earlier edit (``EditRequest.suppress``: the old target a and the ceiling c_a, its
+mean log-probability before that edit) adds, per template prompt,
+
+         + max(0, mean_j log P(a | x_j + p) − (c_a − SUPPRESS_MARGIN))     (unlikelihood)
+
+and stops only once every suppressed target is under its ceiling too. Several requests are
 optimised together in one batch: the loss is a sum of independent per-request
 terms and Adam acts element-wise, so each δᵢ follows the same trajectory as alone.
 A request stops (its δ frozen, its rows dropped from the batch) once the mean
@@ -30,7 +36,7 @@ import copy
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,6 +50,9 @@ from workers.models.profiles import ArchProfile
 log = logging.getLogger(__name__)
 
 KL_PROMPTS: tuple[str, ...] = ("{} is a",)
+# nats below its ceiling that a suppressed target is pushed to while optimising (the
+# edit's δ is spread over several layers afterwards, which loses a little of it)
+SUPPRESS_MARGIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -231,24 +240,37 @@ def optimise_targets(
     """Optimise δ at ``module``'s output (see the module docstring)."""
     device = next(model.parameters()).device
     n, t = len(requests), len(templates)
-    rows = (
+    # the suppressed targets, as requests of their own: (owner, target, ceiling)
+    suppressed = [(i, a, c) for i, req in enumerate(requests) for a, c in req.suppress]
+    builder = (
         RowBuilder()
         .add_templates(tok, requests, templates, settings.fact_token, append_target=True)
         .add_subject_prompts(tok, requests, KL_PROMPTS, settings.fact_token)
-        .build(tok)
     )
+    sup_requests = [replace(requests[i], target_new=a, suppress=()) for i, a, _ in suppressed]
+    builder.add_templates(tok, sup_requests, templates, settings.fact_token, append_target=True)
+    rows = builder.build(tok)
     kl_first = n * t  # one KL row per request follows the rewriting rows
+    sup_first = kl_first + n  # then t rows per suppressed target
+    for k, (i, _, _) in enumerate(suppressed):  # the rows belong to the superseding request
+        rows.owner[sup_first + k * t : sup_first + (k + 1) * t] = i
     # loss entries (row, suffix position, label): a rewriting row predicts the target
     entries = []
     for i, req in enumerate(requests):
-        tgt = target_ids(tok, req.target_new)
-        for r in range(i * t, (i + 1) * t):
-            first = rows.prompt_len[r] - 1 - int(rows.lookup[r])
-            entries += [(r, first + j, label) for j, label in enumerate(tgt)]
+        entries += _target_entries(tok, rows, req.target_new, range(i * t, (i + 1) * t))
     loss_row, loss_pos, loss_label = torch.tensor(entries, device=device).T
-    kl_row = torch.arange(kl_first, rows.size, device=device)
+    sup_entries = []
+    for k, (_, a, _) in enumerate(suppressed):
+        sup_entries += _target_entries(tok, rows, a, range(sup_first + k * t, sup_first + (k + 1) * t))  # fmt: skip
+    if sup_entries:
+        sup_row, sup_pos, sup_label = torch.tensor(sup_entries, device=device).T
+    # each suppressed row's ceiling (its target's, less the margin)
+    ceiling = torch.zeros(rows.size, device=device)
+    for k, (_, _, c) in enumerate(suppressed):
+        ceiling[sup_first + k * t : sup_first + (k + 1) * t] = float(c) - SUPPRESS_MARGIN
+    kl_row = torch.arange(kl_first, sup_first, device=device)
     kl_pos = torch.tensor(
-        [rows.prompt_len[r] - 1 - int(rows.lookup[r]) for r in range(kl_first, rows.size)],
+        [rows.prompt_len[r] - 1 - int(rows.lookup[r]) for r in range(kl_first, sup_first)],
         device=device,
     )
     owner = rows.owner.to(device)
@@ -307,12 +329,25 @@ def optimise_targets(
             decay = (
                 settings.weight_decay * delta.norm(dim=-1) / init.norm(dim=-1).clamp_min(1e-8) ** 2
             )
-            loss = (req_nll + settings.kl_factor * req_kl + decay)[active].sum()
+            req_sup = torch.zeros(n, device=device)
+            above = torch.zeros(n, dtype=torch.bool, device=device)  # a target over its ceiling
+            if sup_entries:
+                sel = active[owner[sup_row]]
+                sr_, sp_, sl_ = sup_row[sel], sup_pos[sel], sup_label[sel]
+                s_logp = _log_probs(model, hidden[local[sr_], sp_]).gather(-1, sl_.unsqueeze(-1)).squeeze(-1)  # fmt: skip
+                s_sum = torch.zeros(rows.size, device=device).index_add(0, sr_, s_logp)
+                s_cnt = torch.zeros(rows.size, device=device).index_add(0, sr_, torch.ones_like(s_logp))  # fmt: skip
+                sup_act = act_rows[act_rows >= sup_first]
+                row_lp = s_sum[sup_act] / s_cnt[sup_act]  # mean log p of the target per row
+                excess = (row_lp - ceiling[sup_act]).clamp_min(0.0)
+                req_sup = req_sup.index_add(0, owner[sup_act], excess / t)
+                above = above.index_fill(0, owner[sup_act][excess.detach() > 0], True)
+            loss = (req_nll + settings.kl_factor * req_kl + decay + req_sup)[active].sum()
 
         still = active.clone()  # ``active`` itself is part of the autograd graph
         for i in active.nonzero().squeeze(-1).tolist():
             prob[i] = float(req_prob[i])
-            if min(prob[i], float(bare_prob[i])) >= settings.prob_threshold:
+            if min(prob[i], float(bare_prob[i])) >= settings.prob_threshold and not bool(above[i]):
                 still[i] = False
                 steps[i] = step
         if progress is not None:
@@ -331,6 +366,19 @@ def optimise_targets(
             norm = delta.norm(dim=-1, keepdim=True)
             delta.mul_(torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm)))
     return TargetResult(delta=delta.detach().clone(), init=init, steps=steps, prob=prob)
+
+
+def _target_entries(
+    tok: PreTrainedTokenizerBase, rows: PromptRows, target: str, row_ids: range
+) -> list[tuple[int, int, int]]:
+    """(row, suffix position, label) of each token of ``target`` on rows ``row_ids``
+    (each a prompt continued with the target but its last token)."""
+    tgt = target_ids(tok, target)
+    out = []
+    for r in row_ids:
+        first = rows.prompt_len[r] - 1 - int(rows.lookup[r])
+        out += [(r, first + j, label) for j, label in enumerate(tgt)]
+    return out
 
 
 def _module_width(model: PreTrainedModel, module: str) -> int:
