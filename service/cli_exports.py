@@ -120,7 +120,9 @@ def apply_patch(
     ],  # fmt: skip
     out: Annotated[Path, typer.Option(help="The Hugging Face folder to write (new or empty).")],
     revision: Annotated[str | None, typer.Option(help="The base's revision (hub ids).")] = None,
-    device: Annotated[str, typer.Option(help="Where to load the base: cpu, cuda, …")] = "cpu",
+    device: Annotated[
+        str, typer.Option(help="Where to load the base: cpu, cuda, …", envvar="MEMEDIT_DEVICE")
+    ] = "cpu",
 ) -> None:
     """Apply a patch onto its base checkpoint and write the patched model (no service).
 
