@@ -41,15 +41,11 @@ from transformers.pytorch_utils import Conv1D
 from service.artifacts import ArtifactStore
 from service.ledger.records import ChainError, VersionRecord, plan_replay, same_state_versions
 from workers.editing.types import (
-    DenseUpdate,
-    LowRankUpdate,
     ModuleState,
-    Update,
-    ValuesUpdate,
     WeightDelta,
 )
 from workers.models.loading import LoadedModel
-from workers.runtime import snapshots
+from workers.runtime import deltas, snapshots
 from workers.runtime.hashing import IntegrityError, tensor_sha256
 from workers.runtime.staged import Drift, Staged, SyncReport
 from workers.runtime.states import AuxState, ChainState, ModuleStates
@@ -228,63 +224,18 @@ class ModelRuntime:
             self._params[name].copy_(self._pristine[name])
         self._hash_cache.pop(name, None)
 
-    def _dense(self, delta: WeightDelta) -> dict[str, torch.Tensor]:
-        """Validate a delta and return canonical name → fp32 ΔW on the parameter's device
-        (additive updates; :meth:`_values` has what it sets).
-
-        The factors are first cast to fp32 exactly as ``WeightDelta.to_bytes`` stores
-        them, so staging and a later replay from the artifact compute the same bits.
-        """
-        if not delta.is_finite():
-            raise ValueError("refusing a delta with non-finite values")
-        for s in self.states:
-            s.validate(delta)
-        updates: list[Update] = []
-        for u in delta.updates:
-            canon = self.canonical(u.param)
-            dev = self._params[canon].device
-            if isinstance(u, LowRankUpdate):
-                updates.append(LowRankUpdate(canon, _f32(u.left, dev), _f32(u.right, dev)))
-            elif isinstance(u, DenseUpdate):
-                updates.append(DenseUpdate(canon, _f32(u.delta, dev)))
-            elif isinstance(u, ValuesUpdate):
-                continue  # :meth:`_values`
-            else:
-                raise TypeError(f"unsupported update type {type(u).__name__}")
-        dense = WeightDelta(method=delta.method, updates=updates).dense()
-        for name, d in dense.items():
-            shape = tuple(self._params[name].shape)
-            if tuple(d.shape) != shape:
-                raise ValueError(f"delta for {name} has shape {tuple(d.shape)}, expected {shape}")
-            if not bool(torch.isfinite(d).all()):
-                raise ValueError(f"refusing a delta whose ΔW for {name} is not finite")
-        return dense
-
-    def _values(self, delta: WeightDelta) -> dict[str, torch.Tensor]:
-        """Canonical name → the fp32 value the delta's :class:`ValuesUpdate` sets, on
-        the parameter's device (validated: shape, finite)."""
-        out: dict[str, torch.Tensor] = {}
-        for u in delta.updates:
-            if not isinstance(u, ValuesUpdate):
-                continue
-            canon = self.canonical(u.param)
-            p = self._params[canon]
-            value = _f32(u.value, p.device)
-            if tuple(value.shape) != tuple(p.shape):
-                raise ValueError(f"values for {canon} have shape {tuple(value.shape)}, expected {tuple(p.shape)}")  # fmt: skip
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"refusing values for {canon} that are not finite")
-            out[canon] = value
-        return out
-
     def _apply_to(
         self, acc: Mapping[str, torch.Tensor], delta: WeightDelta
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The accumulators ``delta`` changes, from ``acc`` (its values first, then its
         additive updates, one fp32 addition each), and each one's change: the ΔW of
         an additive update, ``value − before`` of a set one."""
-        dense = self._dense(delta)
-        new = self._values(delta)
+        if not delta.is_finite():
+            raise ValueError("refusing a delta with non-finite values")
+        for s in self.states:
+            s.validate(delta)
+        dense = deltas.additive(delta, self.canonical, self._params)
+        new = deltas.values(delta, self.canonical, self._params)
         change = {name: value - self._start(name, acc) for name, value in new.items()}
         for name, d in dense.items():
             new[name] = self._start(name, {**acc, **new}) + d
@@ -530,7 +481,3 @@ class ModelRuntime:
         for s in self.states:
             s.load({k[len(s.prefix) :]: v for k, v in tensors.items() if k.startswith(s.prefix)})
         return acc
-
-
-def _f32(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return t.detach().to(torch.float32).contiguous().to(device)

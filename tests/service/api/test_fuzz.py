@@ -10,9 +10,7 @@ request (4xx) leaves every ledger table's row count as it was."""
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,20 +27,11 @@ from service.ledger import keys as ledger_keys
 from service.settings import Settings
 from tests.conftest import LEDGER_TABLES
 from tests.served import serve
+from tests.tars import tar_bytes
 
 pytestmark = pytest.mark.e2e
 
 EXAMPLES = 25  # per operation
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
 
 
 # the import's body is a tar archive: random bytes, and archives that are tars but
@@ -55,9 +44,9 @@ schemathesis.openapi.media_type(
         st.binary(max_size=64),
         st.sampled_from(
             [
-                _tar({}),
-                _tar({"manifest.json": b"{"}),
-                _tar({"manifest.json": json.dumps(_MANIFEST).encode()}),
+                tar_bytes({}),
+                tar_bytes({"manifest.json": b"{"}),
+                tar_bytes({"manifest.json": json.dumps(_MANIFEST).encode()}),
             ]
         ),
     ),  # fmt: skip

@@ -9,9 +9,7 @@ is refused before anything is stored."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import tarfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from service.settings import GuardPolicy, ModelSpec, Settings
 from tests import worker_harness as harness
 from tests.conftest import LEDGER_TABLES
+from tests.tars import tar_bytes
 from tests.workers.jobs.test_edit import edit_body, grace_body
 from workers.exporting import archive
 from workers.exporting import patch as patches
@@ -144,16 +143,6 @@ def _rows(engine: Engine) -> dict[str, int]:
                 for t in LEDGER_TABLES}  # fmt: skip
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, blob in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return buf.getvalue()
-
-
 def test_what_cannot_be_exported_or_imported_is_refused_and_stores_nothing(
     client: TestClient,
     two_settings: Settings,
@@ -179,16 +168,16 @@ def test_what_cannot_be_exported_or_imported_is_refused_and_stores_nothing(
     bodies = {
         b"": 422,  # empty
         b"plain text": 422,  # not a tar
-        _tar({"x.txt": b"1"}): 422,  # no manifest
-        _tar({"manifest.json": json.dumps({**manifest, "format_version": 9}).encode()}): 422,
-        _tar({"manifest.json": json.dumps(manifest).encode()}): 409,  # another base
+        tar_bytes({"x.txt": b"1"}): 422,  # no manifest
+        tar_bytes({"manifest.json": json.dumps({**manifest, "format_version": 9}).encode()}): 422,
+        tar_bytes({"manifest.json": json.dumps(manifest).encode()}): 409,  # another base
     }
     for body, status in bodies.items():
         got = client.post(f"/v1/models/{TWIN}/imports", content=body,
                           headers={"Content-Type": "application/x-tar"})  # fmt: skip
         assert got.status_code == status, (body[:40], got.text)
     capped = app_client(two_settings.model_copy(update={"max_upload_bytes": 100}))
-    big = capped.post(f"/v1/models/{TWIN}/imports", content=_tar({"manifest.json": b"{}" * 100}),
+    big = capped.post(f"/v1/models/{TWIN}/imports", content=tar_bytes({"manifest.json": b"{}" * 100}),
                       headers={"Content-Type": "application/x-tar"})  # fmt: skip
     assert big.status_code == 413 and "max_upload_bytes" in big.json()["detail"]
     assert _rows(db_engine) == before
